@@ -1,0 +1,220 @@
+//! The pooler benchmark: the same pgbench scenarios against several targets
+//! (a direct connection, PgBouncer, pgha-proxy) in one run, repeated, with
+//! medians and ratios printed side by side.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::cpu::cpu_time;
+use crate::pgbench;
+
+/// Something pgbench can connect to.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub name: String,
+    pub conn_str: String,
+    /// The pooler's process, charged for CPU per transaction (None: direct).
+    pub pid: Option<u32>,
+}
+
+/// A pgbench invocation, minus the connection string.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    pub name: String,
+    pub args: Vec<String>,
+}
+
+impl Scenario {
+    /// `pgbench -S` (select only) with `clients` clients for `secs` seconds.
+    pub fn select_only(
+        name: &str,
+        mode: &str,
+        clients: u32,
+        secs: u64,
+        connect_each: bool,
+    ) -> Self {
+        let mut args = vec![
+            "-n".to_string(),
+            "-S".into(),
+            "-M".into(),
+            mode.into(),
+            "-c".into(),
+            clients.to_string(),
+            "-j".into(),
+            "2".into(),
+            "-T".into(),
+            secs.to_string(),
+        ];
+        if connect_each {
+            args.push("-C".into());
+        }
+        Scenario {
+            name: name.to_owned(),
+            args,
+        }
+    }
+}
+
+/// Medians over the runs of one scenario on one target.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub scenario: String,
+    pub target: String,
+    pub tps: f64,
+    pub latency_avg: Duration,
+    pub latency_p99: Duration,
+    /// Pooler CPU per transaction (None for direct connections).
+    pub cpu_per_tx: Option<Duration>,
+    /// Set when the target could not run the scenario at all.
+    pub error: Option<String>,
+}
+
+fn median<T: Copy + PartialOrd>(mut v: Vec<T>) -> Option<T> {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    v.get(v.len() / 2).copied()
+}
+
+/// Runs every scenario `runs` times on every target (interleaved, so drift
+/// in machine load hits all targets alike) and returns the medians.
+pub fn run_matrix(
+    targets: &[Target],
+    scenarios: &[Scenario],
+    runs: usize,
+    log_dir: &Path,
+) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for sc in scenarios {
+        let mut per_target: Vec<Vec<(pgbench::PgbenchResult, Option<Duration>)>> =
+            vec![Vec::new(); targets.len()];
+        let mut errors: Vec<Option<String>> = vec![None; targets.len()];
+        for _ in 0..runs {
+            for (i, t) in targets.iter().enumerate() {
+                if errors[i].is_some() {
+                    continue;
+                }
+                let cpu_before = t.pid.and_then(|p| cpu_time(p).ok());
+                match pgbench::run(&t.conn_str, &sc.args, log_dir) {
+                    Ok(r) => {
+                        let cpu = t.pid.and_then(|p| cpu_time(p).ok());
+                        let per_tx = match (cpu_before, cpu) {
+                            (Some(b), Some(a)) if r.transactions > 0 => {
+                                Some((a - b) / r.transactions as u32)
+                            }
+                            _ => None,
+                        };
+                        per_target[i].push((r, per_tx));
+                    }
+                    Err(e) => errors[i] = Some(e),
+                }
+            }
+        }
+        for (i, t) in targets.iter().enumerate() {
+            let results = &per_target[i];
+            rows.push(Row {
+                scenario: sc.name.clone(),
+                target: t.name.clone(),
+                tps: median(results.iter().map(|r| r.0.tps).collect()).unwrap_or(0.0),
+                latency_avg: median(results.iter().map(|r| r.0.latency_avg).collect())
+                    .unwrap_or_default(),
+                latency_p99: median(results.iter().map(|r| r.0.latency_p99).collect())
+                    .unwrap_or_default(),
+                cpu_per_tx: median(results.iter().filter_map(|r| r.1).collect()),
+                error: errors[i].clone(),
+            });
+        }
+    }
+    rows
+}
+
+/// A table of the rows, with TPS and CPU ratios against `reference` (a target name).
+pub fn render(rows: &[Row], reference: &str) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<22} {:<12} {:>10} {:>10} {:>10} {:>12} {:>9} {:>9}",
+        "scenario", "target", "tps", "avg ms", "p99 ms", "cpu us/tx", "tps/ref", "cpu/ref"
+    );
+    for r in rows {
+        let reference = rows
+            .iter()
+            .find(|x| x.scenario == r.scenario && x.target == reference && x.error.is_none());
+        if let Some(e) = &r.error {
+            let _ = writeln!(out, "{:<22} {:<12} error: {e}", r.scenario, r.target);
+            continue;
+        }
+        let ratio = |a: f64, b: f64| {
+            if b > 0.0 {
+                format!("{:.2}", a / b)
+            } else {
+                "-".into()
+            }
+        };
+        let tps_ratio = reference.map_or("-".into(), |x| ratio(r.tps, x.tps));
+        let cpu_ratio = match (r.cpu_per_tx, reference.and_then(|x| x.cpu_per_tx)) {
+            (Some(a), Some(b)) => ratio(a.as_secs_f64(), b.as_secs_f64()),
+            _ => "-".into(),
+        };
+        let cpu = r
+            .cpu_per_tx
+            .map_or("-".into(), |d| format!("{:.1}", d.as_secs_f64() * 1e6));
+        let _ = writeln!(
+            out,
+            "{:<22} {:<12} {:>10.0} {:>10.3} {:>10.3} {:>12} {:>9} {:>9}",
+            r.scenario,
+            r.target,
+            r.tps,
+            r.latency_avg.as_secs_f64() * 1e3,
+            r.latency_p99.as_secs_f64() * 1e3,
+            cpu,
+            tps_ratio,
+            cpu_ratio
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4, 1, 3, 2]), Some(3));
+        assert_eq!(median::<u32>(vec![]), None);
+    }
+
+    #[test]
+    fn render_shows_ratios_against_the_reference_and_errors() {
+        let row = |target: &str, tps: f64, cpu_us: Option<u64>, error: Option<&str>| Row {
+            scenario: "select".into(),
+            target: target.into(),
+            tps,
+            latency_avg: Duration::from_millis(1),
+            latency_p99: Duration::from_millis(2),
+            cpu_per_tx: cpu_us.map(Duration::from_micros),
+            error: error.map(str::to_owned),
+        };
+        let table = render(
+            &[
+                row("pgbouncer", 1000.0, Some(20), None),
+                row("pgha-proxy", 1500.0, Some(10), None),
+                row(
+                    "other",
+                    0.0,
+                    None,
+                    Some("prepared statement P_0 already exists"),
+                ),
+            ],
+            "pgbouncer",
+        );
+        let proxy_line = table.lines().find(|l| l.contains("pgha-proxy")).unwrap();
+        assert!(proxy_line.contains("1.50"), "{table}");
+        assert!(proxy_line.contains("0.50"), "{table}");
+        assert!(
+            table.contains("error: prepared statement P_0 already exists"),
+            "{table}"
+        );
+    }
+}

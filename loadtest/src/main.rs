@@ -1,0 +1,305 @@
+//! `pgha-loadtest`: benchmarks and workloads from the command line.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use pgha_loadtest::bench::{self, Scenario, Target};
+use pgha_loadtest::failover::{self, KillableCluster};
+use pgha_loadtest::idle;
+use pgha_loadtest::Writer;
+use pgha_local::{
+    sibling_binary, AgentNode, AgentOptions, EtcdCluster, PatroniNode, PatroniTiming, PgBouncer,
+    PgInstance, PgOptions, PoolMode, ProxyBackends, ProxyNode, ProxyOptions, Sandbox,
+    TEST_PASSWORD,
+};
+
+fn pgha_cluster_defaults() -> pgha_cluster::ClusterConfig {
+    pgha_cluster::ClusterConfig::default()
+}
+
+#[derive(Parser)]
+#[command(version, about = "pgha load tests and benchmarks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum System {
+    /// pgha-agent (found next to this binary), default dynamic settings.
+    Pgha,
+    Patroni,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// pgbench -S against a direct connection, PgBouncer and pgha-proxy
+    /// (both in transaction mode), side by side: 32 clients in each -M mode
+    /// plus a 400-client connect-per-transaction storm. Medians of --runs
+    /// runs. Then the proxy's memory with --idle idle clients.
+    BenchPoolers {
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Seconds per pgbench run.
+        #[arg(long, default_value_t = 10)]
+        secs: u64,
+        /// Server connections per pool for the poolers.
+        #[arg(long, default_value_t = 32)]
+        pool_size: u32,
+        /// Idle clients to hold open through pgha-proxy at the end (0: skip).
+        #[arg(long, default_value_t = 10_000)]
+        idle: usize,
+    },
+    /// Kill the primary of a 3-node cluster --kills times and time each
+    /// SIGKILL-to-first-accepted-write. `--system patroni` runs Debian's
+    /// Patroni on the same harness etcd, with its defaults or, with
+    /// `--fastest`, its smallest allowed ttl.
+    BenchFailover {
+        #[arg(long, value_enum)]
+        system: System,
+        #[arg(long, default_value_t = 20)]
+        kills: usize,
+        #[arg(long)]
+        fastest: bool,
+    },
+    /// Insert unique ids through a connection string and report every
+    /// acknowledged write and the write-unavailability windows.
+    Write {
+        #[arg(long)]
+        conn: String,
+        #[arg(long, default_value = "pgha_writes")]
+        table: String,
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+        duration: Duration,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::BenchPoolers {
+            runs,
+            secs,
+            pool_size,
+            idle,
+        } => bench_poolers(runs, secs, pool_size, idle),
+        Cmd::BenchFailover {
+            system,
+            kills,
+            fastest,
+        } => bench_failover(system, kills, fastest),
+        Cmd::Write {
+            conn,
+            table,
+            duration,
+        } => write(conn, table, duration),
+    }
+}
+
+fn bench_poolers(runs: usize, secs: u64, pool_size: u32, idle: usize) -> anyhow::Result<()> {
+    let sb = Sandbox::new("bench")?;
+    let opts = PgOptions::default()
+        .set("max_connections", "600")
+        .set("shared_buffers", "256MB");
+    let pg = PgInstance::primary(&sb, "pg", &opts)?;
+    let init = std::process::Command::new("pgbench")
+        .args(["-i", "-q", "-s", "10", &pg.conn_str("postgres")])
+        .output()
+        .context("run pgbench -i")?;
+    anyhow::ensure!(init.status.success(), "pgbench -i failed: {init:?}");
+    let bouncer = PgBouncer::start(&sb, "pgbouncer", &pg, PoolMode::Transaction, pool_size)?;
+    let proxy = ProxyNode::start(
+        &sb,
+        "pgha-proxy",
+        &sibling_binary("pgha-proxy")?,
+        &ProxyOptions {
+            id: "bench".into(),
+            backends: ProxyBackends::StaticPrimary { port: pg.port() },
+            pool_mode: "transaction".into(),
+            pool_size,
+            auth_method: "trust".into(),
+            users: Vec::new(),
+            ports: None,
+            extra_config: vec!["max_client_conn = 20000".into()],
+        },
+    )?;
+    let proxy_pid = proxy.proc().map(|p| p.pid()).context("proxy not running")?;
+    let targets = vec![
+        Target {
+            name: "direct".into(),
+            conn_str: pg.conn_str("postgres"),
+            pid: None,
+        },
+        Target {
+            name: "pgbouncer".into(),
+            conn_str: bouncer.conn_str(),
+            pid: Some(bouncer.proc().pid()),
+        },
+        Target {
+            name: "pgha-proxy".into(),
+            conn_str: format!(
+                "host=127.0.0.1 port={} user=postgres dbname=postgres",
+                proxy.rw_port()
+            ),
+            pid: Some(proxy_pid),
+        },
+    ];
+    let scenarios = vec![
+        Scenario::select_only("simple c32", "simple", 32, secs, false),
+        Scenario::select_only("extended c32", "extended", 32, secs, false),
+        Scenario::select_only("prepared c32", "prepared", 32, secs, false),
+        Scenario::select_only("storm c400 -C", "simple", 400, secs, true),
+    ];
+    let rows = bench::run_matrix(&targets, &scenarios, runs, &sb.subdir("pgbench-logs")?);
+    println!("pgbench -S, {runs} runs of {secs}s each, medians; ratios against pgbouncer");
+    println!("avg: pgbench's (with -C it includes connecting); p99: per-transaction log (excludes connecting)");
+    print!("{}", bench::render(&rows, "pgbouncer"));
+    if idle > 0 {
+        let before = idle::rss_bytes(proxy_pid).map_err(anyhow::Error::msg)?;
+        let clients = idle::open_idle_clients(proxy.rw_port(), "postgres", "postgres", idle)
+            .map_err(anyhow::Error::msg)?;
+        let after = idle::rss_bytes(proxy_pid).map_err(anyhow::Error::msg)?;
+        println!(
+            "{} idle clients held by pgha-proxy: RSS {:.1} MB before, {:.1} MB with them",
+            clients.len(),
+            before as f64 / 1e6,
+            after as f64 / 1e6
+        );
+    }
+    Ok(())
+}
+
+struct PatroniCluster {
+    nodes: Vec<PatroniNode>,
+}
+
+impl KillableCluster for PatroniCluster {
+    fn pg_ports(&self) -> Vec<u16> {
+        self.nodes.iter().map(PatroniNode::pg_port).collect()
+    }
+    fn password(&self) -> String {
+        "postgres".into()
+    }
+    fn kill(&mut self, i: usize) -> Result<(), String> {
+        self.nodes[i].kill().map_err(|e| e.to_string())
+    }
+    fn restart(&mut self, i: usize) -> Result<(), String> {
+        self.nodes[i].restart().map_err(|e| e.to_string())
+    }
+}
+
+struct PghaCluster {
+    nodes: Vec<AgentNode>,
+}
+
+impl KillableCluster for PghaCluster {
+    fn pg_ports(&self) -> Vec<u16> {
+        self.nodes.iter().map(AgentNode::pg_port).collect()
+    }
+    fn password(&self) -> String {
+        TEST_PASSWORD.into()
+    }
+    fn kill(&mut self, i: usize) -> Result<(), String> {
+        let n = &mut self.nodes[i];
+        // The agent first, so it cannot restart its postgres; the postmaster
+        // may already have gone with it.
+        n.kill_agent().map_err(|e| e.to_string())?;
+        if n.postmaster_pid().is_some() {
+            n.kill_postgres().map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+    fn restart(&mut self, i: usize) -> Result<(), String> {
+        self.nodes[i].restart_agent().map_err(|e| e.to_string())
+    }
+}
+
+fn bench_failover(system: System, kills: usize, fastest: bool) -> anyhow::Result<()> {
+    let sb = Sandbox::new("failover")?;
+    let etcd = EtcdCluster::start(&sb, 3)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let (label, mut cluster): (String, Box<dyn KillableCluster>) = match system {
+        System::Pgha => {
+            let bin = sibling_binary("pgha-agent")?;
+            let nodes = (1..=3)
+                .map(|i| {
+                    AgentNode::start(
+                        &sb,
+                        &etcd,
+                        &format!("node{i}"),
+                        &bin,
+                        &AgentOptions::default(),
+                    )
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let d = pgha_cluster_defaults();
+            (
+                format!(
+                    "pgha-agent ttl={:?} loop_wait={:?} retry_timeout={:?}",
+                    d.ttl, d.loop_wait, d.retry_timeout
+                ),
+                Box::new(PghaCluster { nodes }),
+            )
+        }
+        System::Patroni => {
+            let timing = if fastest {
+                PatroniTiming::FASTEST
+            } else {
+                PatroniTiming::DEFAULTS
+            };
+            let mut nodes = Vec::new();
+            for i in 1..=3 {
+                nodes.push(PatroniNode::start(
+                    &sb,
+                    &format!("patroni{i}"),
+                    "bench",
+                    &etcd,
+                    timing,
+                )?);
+            }
+            (
+                format!(
+                    "patroni 3.0.2 ttl={} loop_wait={} retry_timeout={}",
+                    timing.ttl, timing.loop_wait, timing.retry_timeout
+                ),
+                Box::new(PatroniCluster { nodes }),
+            )
+        }
+    };
+    let heal = Duration::from_secs(180);
+    let times = rt
+        .block_on(failover::measure(cluster.as_mut(), kills, heal))
+        .map_err(anyhow::Error::msg)?;
+    let (median, worst) = failover::median_and_worst(&times);
+    println!(
+        "{label}: {} kills, SIGKILL to first accepted write: median {:.1}s, worst {:.1}s",
+        times.len(),
+        median.as_secs_f64(),
+        worst.as_secs_f64()
+    );
+    Ok(())
+}
+
+fn write(conn: String, table: String, duration: Duration) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let w = Writer::new(conn, table);
+        w.prepare()
+            .await
+            .map_err(anyhow::Error::msg)
+            .context("create the table")?;
+        let out = w.run(tokio::time::sleep(duration)).await;
+        println!(
+            "acknowledged {} writes, {} failed attempts, {} reconnects",
+            out.acked.len(),
+            out.failures,
+            out.reconnects
+        );
+        println!("latency: {}", out.latency.summary());
+        println!("write-unavailability windows: {:?}", out.unavailable);
+        for e in &out.last_errors {
+            println!("error: {e}");
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,76 @@
+//! The fencing watchdog: a writable postgres is stopped the moment the lease
+//! has gone unrenewed for `loop_wait + retry_timeout`, whatever the HA loop
+//! is doing at that instant (it may be blocked for a while on an etcd request
+//! that will time out). Invariant 2 must not wait behind anything.
+//!
+//! It reads only files: `postmaster.pid` (is postgres running?) and
+//! `standby.signal` (is it a standby?), and sends the postmaster SIGQUIT
+//! (immediate shutdown: every session ends at once). The HA loop sees the
+//! exit and decides what comes next.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio_util::sync::CancellationToken;
+
+use super::{lease, Shared};
+use crate::postgres::postmaster_pid;
+
+/// The running postmaster of `data_dir` if it runs as a primary.
+fn running_primary(data_dir: &Path) -> Option<i32> {
+    if data_dir.join("standby.signal").exists() {
+        return None;
+    }
+    postmaster_pid(data_dir)
+}
+
+/// Watches the lease until `shutdown`.
+pub(super) async fn watchdog(shared: Arc<Shared>, data_dir: PathBuf, shutdown: CancellationToken) {
+    loop {
+        let limit = shared.cluster_config().fence_after();
+        let deadline = lease::renewed_at(&shared).map(|t| t + limit);
+        let wait = match deadline {
+            // No lease yet: we cannot have been leader.
+            None => Duration::from_millis(200),
+            Some(d) => d.saturating_duration_since(Instant::now()),
+        };
+        if deadline.is_some() && wait.is_zero() {
+            if let Some(pid) = running_primary(&data_dir) {
+                tracing::warn!(
+                    pid,
+                    ?limit,
+                    "fencing: lease not renewed within loop_wait + retry_timeout, stopping postgres now"
+                );
+                let _ = kill(Pid::from_raw(pid), Signal::SIGQUIT);
+                shared.wake.notify_one();
+            }
+        }
+        tokio::select! {
+            // Re-check at least every 200ms: a renewal moves the deadline.
+            _ = tokio::time::sleep(wait.clamp(Duration::from_millis(20), Duration::from_millis(200))) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_running_postmaster_without_standby_signal_is_a_primary() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(running_primary(dir.path()), None, "no postmaster.pid");
+        let me = std::process::id() as i32;
+        std::fs::write(dir.path().join("postmaster.pid"), format!("{me}\n/data\n")).unwrap();
+        assert_eq!(running_primary(dir.path()), Some(me));
+        std::fs::write(dir.path().join("standby.signal"), "").unwrap();
+        assert_eq!(running_primary(dir.path()), None, "a standby");
+        std::fs::remove_file(dir.path().join("standby.signal")).unwrap();
+        std::fs::write(dir.path().join("postmaster.pid"), "999999999\n").unwrap();
+        assert_eq!(running_primary(dir.path()), None, "a stale pid file");
+    }
+}

@@ -1,0 +1,64 @@
+//! `auth_query`: looks up a user's secret on the current leader, for users
+//! not in the users file (as PgBouncer does).
+//!
+//! The user name goes into the query as a quoted literal (the proxy's
+//! simple-protocol helper has no parameters); quotes are doubled, which is
+//! safe with `standard_conforming_strings = on`, Postgres's default. May
+//! call: `server` (one short-lived connection), `topology`.
+
+use super::{AuthError, UserSecret};
+use crate::server::{Login, ServerConn};
+use crate::Shared;
+
+/// `'name'` with embedded quotes doubled.
+pub fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// The user's secret from the leader, `None` if unknown or not usable
+/// without the password (only SCRAM verifiers are).
+pub async fn lookup(shared: &Shared, user: &str) -> Result<Option<UserSecret>, AuthError> {
+    let Some(query) = shared.cfg.auth_query.as_deref() else {
+        return Ok(None);
+    };
+    let fail = |e: String| AuthError::Protocol(format!("auth_query: {e}"));
+    let leader = shared
+        .topology
+        .load()
+        .leader
+        .clone()
+        .ok_or_else(|| fail("no leader".into()))?;
+    let users = shared.users.load_full();
+    let auth_user = &shared.cfg.auth_user;
+    let login = Login {
+        user: auth_user.clone(),
+        database: shared.cfg.auth_database.clone(),
+        password: users
+            .as_deref()
+            .and_then(|u| u.get(auth_user))
+            .and_then(|s| s.password.clone()),
+        scram_keys: None,
+    };
+    let timeout = shared.cfg.server_connect_timeout;
+    let mut conn = Box::pin(ServerConn::connect(leader, &login, timeout, 1))
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    let sql = query.replace("$1", &quote_literal(user));
+    let rows = conn
+        .query_rows(&sql)
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    let passwd = rows.first().and_then(|r| r.last().cloned().flatten());
+    Ok(passwd.as_deref().and_then(UserSecret::from_shadow))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn literals_are_quoted_so_names_cannot_break_out() {
+        assert_eq!(quote_literal("app"), "'app'");
+        assert_eq!(quote_literal("x' or '1'='1"), "'x'' or ''1''=''1'");
+    }
+}

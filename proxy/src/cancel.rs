@@ -1,0 +1,139 @@
+//! CancelRequest routing: each client gets the proxy's own key, mapped to
+//! the backend connection running that client's query right now.
+//!
+//! A session publishes its server's key while it holds the connection and
+//! clears it before giving the connection back, so a late cancel is dropped
+//! instead of hitting the next client's query. A cancel for a client that
+//! still waits for a server wakes that wait. May call: `server` (to send the
+//! cancel), tokio sync.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use rand::Rng;
+use tokio::sync::Notify;
+
+use crate::router::Backend;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+/// The backend and its BackendKeyData.
+type Target = (Arc<Backend>, (i32, i32));
+
+/// What one client's cancel key points at.
+#[derive(Debug, Default)]
+pub struct CancelSlot {
+    target: Mutex<Option<Target>>,
+    /// Signalled when a cancel arrives while no server is attached.
+    pub waiting: Notify,
+}
+
+impl CancelSlot {
+    /// The client now runs on this server connection.
+    pub fn attach(&self, backend: Arc<Backend>, key: (i32, i32)) {
+        *lock(&self.target) = Some((backend, key));
+    }
+
+    /// The client released its server connection.
+    pub fn detach(&self) {
+        *lock(&self.target) = None;
+    }
+
+    fn target(&self) -> Option<Target> {
+        lock(&self.target).clone()
+    }
+}
+
+/// Every connected client's cancel key.
+#[derive(Debug, Default)]
+pub struct Cancels {
+    slots: Mutex<HashMap<(i32, i32), Arc<CancelSlot>>>,
+}
+
+/// Removes the client's key when the session ends.
+#[derive(Debug)]
+pub struct Registration {
+    cancels: Arc<Cancels>,
+    pub key: (i32, i32),
+    pub slot: Arc<CancelSlot>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        lock(&self.cancels.slots).remove(&self.key);
+    }
+}
+
+impl Cancels {
+    /// A fresh random key for a new client.
+    pub fn register(self: &Arc<Self>) -> Registration {
+        let slot = Arc::new(CancelSlot::default());
+        let mut rng = rand::thread_rng();
+        let mut slots = lock(&self.slots);
+        let key = loop {
+            let k = (rng.gen_range(1..i32::MAX), rng.gen());
+            if !slots.contains_key(&k) {
+                break k;
+            }
+        };
+        slots.insert(key, slot.clone());
+        Registration {
+            cancels: self.clone(),
+            key,
+            slot,
+        }
+    }
+
+    /// Forwards a client's cancel to the server running its query, if any.
+    pub async fn cancel(&self, key: (i32, i32)) {
+        let Some(slot) = lock(&self.slots).get(&key).cloned() else {
+            tracing::debug!("cancel request with unknown key dropped");
+            return;
+        };
+        match slot.target() {
+            Some((backend, server_key)) => {
+                if let Err(e) = crate::server::send_cancel(&backend, server_key).await {
+                    tracing::warn!(error = %e, "cancel request to server failed");
+                }
+            }
+            // Only a client waiting right now; no permit is kept for later.
+            None => slot.waiting.notify_waiters(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_unique_and_removed_when_the_client_leaves() {
+        let c = Arc::new(Cancels::default());
+        let a = c.register();
+        let b = c.register();
+        assert_ne!(a.key, b.key);
+        let key = a.key;
+        drop(a);
+        assert!(!lock(&c.slots).contains_key(&key));
+        assert!(lock(&c.slots).contains_key(&b.key));
+    }
+
+    #[test]
+    fn a_released_server_is_no_longer_a_cancel_target() {
+        let slot = CancelSlot::default();
+        let be = Arc::new(Backend {
+            name: "a".into(),
+            host: "h".into(),
+            port: 1,
+        });
+        slot.attach(be, (1, 2));
+        assert!(slot.target().is_some());
+        slot.detach();
+        assert!(slot.target().is_none());
+    }
+}

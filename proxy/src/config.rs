@@ -1,0 +1,335 @@
+//! The proxy's configuration file (TOML), typed and validated at start.
+//!
+//! Every field has a documented default; unknown keys are rejected so a typo
+//! is not silently ignored, and [`Config::validate`] names the key and the
+//! reason for anything unusable. Passed around as `Arc<Config>`. May call:
+//! `serde`, `toml`, the filesystem (to read the file).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config: {0}")]
+    Parse(String),
+    #[error("config key `{key}`: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+/// How long a client keeps a server connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    /// For one transaction; the client may run its next one elsewhere.
+    Transaction,
+    /// For the whole client connection; reset with `DISCARD ALL` afterwards.
+    Session,
+}
+
+/// How clients prove who they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthMethod {
+    /// `scram-sha-256`, as PostgreSQL spells it.
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+    Md5,
+    /// Anyone named in the users file (or anyone, without one) is let in.
+    Trust,
+}
+
+/// Role of a static backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendRole {
+    Primary,
+    Replica,
+}
+
+/// A backend named in the config (static mode, no etcd).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticBackend {
+    pub name: String,
+    /// Default `127.0.0.1`.
+    #[serde(default = "default_host")]
+    pub host: String,
+    pub port: u16,
+    pub role: BackendRole,
+    /// Exclude from read-only balancing. Default false.
+    #[serde(default)]
+    pub noloadbalance: bool,
+}
+
+fn default_host() -> String {
+    "127.0.0.1".into()
+}
+
+/// Where the routing table comes from in etcd mode.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdConfig {
+    /// Client URLs, e.g. `["http://127.0.0.1:2379"]`.
+    pub endpoints: Vec<String>,
+    /// Cluster name: keys live under `/pgha/<cluster>/`.
+    pub cluster: String,
+}
+
+/// The whole file.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// This proxy's id (acknowledgements in `proxies/<id>`). Default `proxy`.
+    pub id: String,
+    /// Read-write listener. Default `127.0.0.1:6432`; port 0 picks a free one.
+    pub listen_rw: SocketAddr,
+    /// Read-only listener. Default `127.0.0.1:6433`.
+    pub listen_ro: SocketAddr,
+    /// Admin HTTP (/metrics, /status, /health, POST /pause /resume).
+    /// Default `127.0.0.1:9930`.
+    pub listen_admin: SocketAddr,
+    /// Bearer token required by POST /pause and /resume; without one they
+    /// are refused. Default none.
+    pub admin_token: Option<String>,
+    /// On SIGTERM, in-flight transactions get this long to finish. Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_drain_timeout: Duration,
+    /// Threads serving clients (the `pgha-proxy` binary only). 1 runs one
+    /// event loop, like PgBouncer: the least CPU per transaction; more
+    /// threads add throughput on many cores at some CPU cost. Default 1.
+    pub workers: usize,
+    /// Pool mode. Default `transaction`.
+    pub pool_mode: PoolMode,
+    /// Server connections per (database, user, backend). Default 20.
+    pub pool_size: usize,
+    /// Server connections kept open per pool once it is used (idle or in
+    /// use, like PgBouncer's min_pool_size), made ahead of demand. Default 0.
+    pub min_idle: usize,
+    /// Client connections accepted at once; more are refused with SQLSTATE
+    /// 53300. Default 10000.
+    pub max_client_conn: usize,
+    /// Idle server connections older than this are closed. Default 60s.
+    #[serde(with = "humantime_serde")]
+    pub server_idle_timeout: Duration,
+    /// Server connections are closed at their next release after this. Default 1h.
+    #[serde(with = "humantime_serde")]
+    pub server_lifetime: Duration,
+    /// Connecting and authenticating to a server may take this long. Default 5s.
+    #[serde(with = "humantime_serde")]
+    pub server_connect_timeout: Duration,
+    /// A client waits this long for a pooled server, then gets an error. Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub checkout_timeout: Duration,
+    /// With no leader, a read-write transaction waits this long. Default 5s.
+    #[serde(with = "humantime_serde")]
+    pub leader_wait_timeout: Duration,
+    /// A client must finish startup and authentication within this. Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub startup_timeout: Duration,
+    /// Largest message accepted from a client, bytes. Default 64 MiB.
+    pub max_message_size: usize,
+    /// Replicas further behind than this many bytes get no reads. Default 1 MiB.
+    pub max_replica_lag: u64,
+    /// Send reads to the leader when no replica qualifies. Default true.
+    pub ro_fallback_to_leader: bool,
+    /// In a planned switchover, in-flight transactions get this long to
+    /// finish before the proxy acknowledges. Default 3s.
+    #[serde(with = "humantime_serde")]
+    pub switchover_drain_timeout: Duration,
+    /// Prepared statements kept per server connection (transaction mode). Default 256.
+    pub prepared_cache_size: usize,
+    /// Client authentication. Default `scram-sha-256`.
+    pub auth_method: AuthMethod,
+    /// PgBouncer-style users file: lines of `"user" "password"`. The
+    /// plaintext password is also used to log in to the servers.
+    pub users_file: Option<PathBuf>,
+    /// Looks up users missing from the users file on the leader; `$1` is
+    /// the user name, the last column the `pg_shadow.passwd` value. Only
+    /// SCRAM verifiers work (the proxy then logs in to servers with the
+    /// key recovered from the client's own SCRAM proof). Default none;
+    /// PgBouncer's is `SELECT usename, passwd FROM pg_shadow WHERE usename = $1`.
+    pub auth_query: Option<String>,
+    /// The user auth_query runs as (its password from the users file, or
+    /// trust). Default `postgres`.
+    pub auth_user: String,
+    /// The database auth_query runs in. Default `postgres`.
+    pub auth_database: String,
+    /// PEM certificate chain for TLS to clients; with `tls_key_file`
+    /// enables SSLRequest. Default none (clients get `N`).
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key for `tls_cert_file`.
+    pub tls_key_file: Option<PathBuf>,
+    /// Static backends (no etcd).
+    pub backends: Vec<StaticBackend>,
+    /// etcd topology; mutually exclusive with `backends`.
+    pub etcd: Option<EtcdConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            id: "proxy".into(),
+            listen_rw: SocketAddr::from(([127, 0, 0, 1], 6432)),
+            listen_ro: SocketAddr::from(([127, 0, 0, 1], 6433)),
+            listen_admin: SocketAddr::from(([127, 0, 0, 1], 9930)),
+            admin_token: None,
+            shutdown_drain_timeout: Duration::from_secs(10),
+            workers: 1,
+            pool_mode: PoolMode::Transaction,
+            pool_size: 20,
+            min_idle: 0,
+            max_client_conn: 10_000,
+            server_idle_timeout: Duration::from_secs(60),
+            server_lifetime: Duration::from_secs(3600),
+            server_connect_timeout: Duration::from_secs(5),
+            checkout_timeout: Duration::from_secs(10),
+            leader_wait_timeout: Duration::from_secs(5),
+            startup_timeout: Duration::from_secs(10),
+            max_message_size: 64 << 20,
+            max_replica_lag: 1 << 20,
+            ro_fallback_to_leader: true,
+            switchover_drain_timeout: Duration::from_secs(3),
+            prepared_cache_size: 256,
+            auth_method: AuthMethod::ScramSha256,
+            users_file: None,
+            auth_query: None,
+            auth_user: "postgres".into(),
+            auth_database: "postgres".into(),
+            tls_cert_file: None,
+            tls_key_file: None,
+            backends: Vec::new(),
+            etcd: None,
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a config file; relative paths inside it
+    /// are resolved against the file's directory.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut c = Config::parse(&text)?;
+        if let Some(dir) = path.parent() {
+            for f in [&mut c.users_file, &mut c.tls_cert_file, &mut c.tls_key_file]
+                .into_iter()
+                .flatten()
+            {
+                if f.is_relative() {
+                    *f = dir.join(&*f);
+                }
+            }
+        }
+        Ok(c)
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let c: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Checks the rules serde cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |key, reason: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                reason: reason.to_owned(),
+            })
+        };
+        if self.pool_size == 0 {
+            return err("pool_size", "must be at least 1");
+        }
+        if self.min_idle > self.pool_size {
+            return err("min_idle", "cannot exceed pool_size");
+        }
+        if self.max_client_conn == 0 {
+            return err("max_client_conn", "must be at least 1");
+        }
+        if self.max_message_size < 1024 {
+            return err("max_message_size", "must be at least 1024 bytes");
+        }
+        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
+            return err(
+                "tls_cert_file",
+                "tls_cert_file and tls_key_file go together",
+            );
+        }
+        if pgha_cluster::validate_name(&self.id).is_err() {
+            return err("id", "may only contain letters, digits, '-', '_' and '.'");
+        }
+        match (&self.etcd, self.backends.is_empty()) {
+            (Some(_), false) => err("backends", "cannot be combined with [etcd]"),
+            (None, true) => err("backends", "name at least one backend, or configure [etcd]"),
+            (Some(e), true) if e.endpoints.is_empty() => err("etcd.endpoints", "is empty"),
+            (Some(e), true) if pgha_cluster::validate_name(&e.cluster).is_err() => {
+                err("etcd.cluster", "is not a valid cluster name")
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [[backends]]
+        name = "pg1"
+        port = 5432
+        role = "primary"
+    "#;
+
+    #[test]
+    fn minimal_static_config_gets_documented_defaults() {
+        let c = Config::parse(MINIMAL).unwrap();
+        assert_eq!(c.pool_mode, PoolMode::Transaction);
+        assert_eq!(c.listen_rw.port(), 6432);
+        assert_eq!(c.listen_ro.port(), 6433);
+        assert_eq!(c.backends[0].host, "127.0.0.1");
+        assert_eq!(c.checkout_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn durations_and_modes_are_readable() {
+        let c = Config::parse(&format!(
+            "pool_mode = \"session\"\ncheckout_timeout = \"250ms\"\nauth_method = \"md5\"\n{MINIMAL}"
+        ))
+        .unwrap();
+        assert_eq!(c.pool_mode, PoolMode::Session);
+        assert_eq!(c.checkout_timeout, Duration::from_millis(250));
+        assert_eq!(c.auth_method, AuthMethod::Md5);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_by_name() {
+        let e = Config::parse(&format!("pool_sise = 3\n{MINIMAL}")).unwrap_err();
+        assert!(e.to_string().contains("pool_sise"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_key_and_reason() {
+        let e = Config::parse(&format!("pool_size = 0\n{MINIMAL}")).unwrap_err();
+        assert!(
+            e.to_string().contains("`pool_size`: must be at least 1"),
+            "{e}"
+        );
+        let e = Config::parse("").unwrap_err();
+        assert!(e.to_string().contains("`backends`"), "{e}");
+        let e = Config::parse(&format!("checkout_timeout = \"soon\"\n{MINIMAL}")).unwrap_err();
+        assert!(e.to_string().contains("checkout_timeout"), "{e}");
+    }
+}

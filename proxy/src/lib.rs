@@ -1,0 +1,114 @@
+//! pgha-proxy: the Postgres wire-protocol proxy applications connect to.
+//!
+//! A read-write listener routes to the leader, a read-only listener to
+//! healthy replicas; server connections are pooled per (database, user,
+//! backend) in session or transaction mode. The module layout follows the
+//! data flow: `listener` accepts, `session` serves one client, `server` is
+//! one backend connection, `pool` keeps them, `router`/`topology` decide
+//! where traffic goes, `protocol` parses bytes.
+
+pub mod admin;
+pub mod auth;
+pub mod cancel;
+pub mod config;
+pub mod listener;
+pub mod metrics;
+pub mod pool;
+pub mod prepared;
+pub mod protocol;
+pub mod router;
+pub mod server;
+pub mod session;
+pub mod switchover;
+pub mod tls;
+pub mod topology;
+pub mod tracker;
+pub mod watch;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+pub use config::Config;
+pub use listener::{Proxy, ProxyHandle, StartError};
+
+/// State shared by every session of one proxy.
+#[derive(Debug)]
+pub struct Shared {
+    pub cfg: Arc<Config>,
+    /// The users file's contents; swapped on SIGHUP.
+    pub users: arc_swap::ArcSwapOption<auth::Users>,
+    /// Cancelled on SIGTERM: sessions finish their transaction and leave.
+    pub draining: tokio_util::sync::CancellationToken,
+    pub pools: pool::Pools,
+    pub topology: Arc<topology::Topology>,
+    pub cancels: Arc<cancel::Cancels>,
+    pub statements: prepared::Registry,
+    pub pause: switchover::PauseState,
+    pub metrics: metrics::Metrics,
+    /// TLS towards clients, when configured.
+    pub tls: Option<tls::Tls>,
+    clients: AtomicUsize,
+    turn: AtomicUsize,
+}
+
+/// Counts a client connection while it lives.
+#[derive(Debug)]
+pub struct ClientGuard {
+    shared: Arc<Shared>,
+    /// This client is beyond `max_client_conn` and must be refused.
+    pub over_limit: bool,
+}
+
+impl Drop for ClientGuard {
+    fn drop(&mut self) {
+        self.shared.clients.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Shared {
+    pub fn new(cfg: Arc<Config>, users: Option<auth::Users>, table: router::RoutingTable) -> Self {
+        Shared {
+            pools: pool::Pools::new(cfg.clone()),
+            cfg,
+            users: arc_swap::ArcSwapOption::from(users.map(Arc::new)),
+            draining: tokio_util::sync::CancellationToken::new(),
+            topology: Arc::new(topology::Topology::new(table)),
+            cancels: Arc::default(),
+            statements: prepared::Registry::default(),
+            pause: switchover::PauseState::default(),
+            metrics: metrics::Metrics::new(),
+            tls: None,
+            clients: AtomicUsize::new(0),
+            turn: AtomicUsize::new(0),
+        }
+    }
+
+    /// Registers a new client connection.
+    pub fn client_enter(self: &Arc<Self>) -> ClientGuard {
+        let n = self.clients.fetch_add(1, Ordering::AcqRel) + 1;
+        ClientGuard {
+            shared: self.clone(),
+            over_limit: n > self.cfg.max_client_conn,
+        }
+    }
+
+    /// Re-reads the users file (SIGHUP); other settings need a restart.
+    pub fn reload_users(&self) -> Result<(), auth::AuthError> {
+        if let Some(path) = &self.cfg.users_file {
+            let users = auth::Users::load(path)?;
+            self.users.store(Some(Arc::new(users)));
+            tracing::info!(path = %path.display(), "users file reloaded");
+        }
+        Ok(())
+    }
+
+    /// Client connections now.
+    pub fn client_count(&self) -> usize {
+        self.clients.load(Ordering::Acquire)
+    }
+
+    /// Round-robin counter for read-only balancing.
+    pub fn next_turn(&self) -> usize {
+        self.turn.fetch_add(1, Ordering::Relaxed)
+    }
+}

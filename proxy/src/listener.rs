@@ -1,0 +1,196 @@
+//! Starting and stopping the proxy: binds the read-write and read-only
+//! listeners, spawns one session per client, and stops on a cancellation
+//! token. Tests run the proxy in-process through [`Proxy::start`].
+//! May call: `session`, `topology`, `config`, `auth` (loading users).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::{AuthError, Users};
+use crate::router::{Route, RoutingTable};
+use crate::{Config, Shared};
+
+/// The proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Users(#[from] AuthError),
+    #[error("invalid config: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+}
+
+/// A running proxy.
+#[derive(Debug)]
+pub struct ProxyHandle {
+    pub rw_addr: SocketAddr,
+    pub ro_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub shared: Arc<Shared>,
+    /// Cancel to stop everything at once; sessions end with it.
+    pub shutdown: CancellationToken,
+    /// Cancel to stop accepting new clients (a child of `shutdown`).
+    pub accepting: CancellationToken,
+    pub tasks: TaskTracker,
+    /// Client sessions only: what a drain waits for.
+    pub sessions: TaskTracker,
+}
+
+impl ProxyHandle {
+    /// Stops at once: listeners and sessions end now.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.tasks.close();
+        self.sessions.close();
+        self.tasks.wait().await;
+        self.sessions.wait().await;
+    }
+
+    /// Graceful stop (SIGTERM): stop accepting, let each client finish the
+    /// transaction it is in (up to `bound`), then stop everything.
+    pub async fn drain(self, bound: std::time::Duration) {
+        self.accepting.cancel();
+        self.shared.draining.cancel();
+        self.tasks.close();
+        self.sessions.close();
+        if tokio::time::timeout(bound, self.sessions.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("drain bound of {bound:?} reached; closing remaining clients");
+        }
+        self.shutdown.cancel();
+        self.tasks.wait().await;
+        self.sessions.wait().await;
+    }
+}
+
+/// Entry point.
+pub struct Proxy;
+
+impl Proxy {
+    /// Binds the configured addresses (port 0 allowed) and starts serving.
+    pub async fn start(cfg: Arc<Config>) -> Result<ProxyHandle, StartError> {
+        let users = cfg.users_file.as_deref().map(Users::load).transpose()?;
+        let shutdown = CancellationToken::new();
+        let table = match cfg.etcd {
+            Some(_) => RoutingTable::default(),
+            None => RoutingTable::from_static(&cfg.backends),
+        };
+        let mut shared = Shared::new(cfg.clone(), users, table);
+        if let (Some(cert), Some(key)) = (&cfg.tls_cert_file, &cfg.tls_key_file) {
+            shared.tls = Some(crate::tls::acceptor(cert, key)?);
+        }
+        let shared = Arc::new(shared);
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { addr, source })
+        };
+        let rw = bind(cfg.listen_rw).await?;
+        let ro = bind(cfg.listen_ro).await?;
+        let admin = bind(cfg.listen_admin).await?;
+        let local = |l: &TcpListener, addr| {
+            l.local_addr()
+                .map_err(|source| StartError::Bind { addr, source })
+        };
+        let handle = ProxyHandle {
+            rw_addr: local(&rw, cfg.listen_rw)?,
+            ro_addr: local(&ro, cfg.listen_ro)?,
+            admin_addr: local(&admin, cfg.listen_admin)?,
+            shared: shared.clone(),
+            accepting: shutdown.child_token(),
+            shutdown,
+            tasks: TaskTracker::new(),
+            sessions: TaskTracker::new(),
+        };
+        handle.tasks.spawn(crate::admin::serve(
+            admin,
+            shared.clone(),
+            handle.shutdown.clone(),
+        ));
+        if let Some(etcd) = &cfg.etcd {
+            let keys = pgha_cluster::Keys::new(&etcd.cluster)
+                .map_err(|e| StartError::Config(e.to_string()))?;
+            handle.tasks.spawn(crate::watch::run(
+                shared.clone(),
+                etcd.endpoints.clone(),
+                keys,
+                handle.shutdown.clone(),
+            ));
+        }
+        for (l, route) in [(rw, Route::ReadWrite), (ro, Route::ReadOnly)] {
+            let ctx = AcceptCtx {
+                shared: shared.clone(),
+                accepting: handle.accepting.clone(),
+                stop: handle.shutdown.clone(),
+                tasks: handle.sessions.clone(),
+            };
+            handle.tasks.spawn(accept_loop(l, route, ctx));
+        }
+        let (upkeep_shared, upkeep_stop) = (shared.clone(), handle.shutdown.clone());
+        handle.tasks.spawn(async move {
+            // Housekeeping: idle timeouts, min_idle, histogram upkeep.
+            let period = upkeep_shared.cfg.server_idle_timeout.clamp(
+                std::time::Duration::from_millis(100),
+                std::time::Duration::from_secs(5),
+            );
+            let mut tick = tokio::time::interval(period);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        upkeep_shared.metrics.upkeep();
+                        upkeep_shared.pools.maintain().await;
+                    }
+                    _ = upkeep_stop.cancelled() => return,
+                }
+            }
+        });
+        Ok(handle)
+    }
+}
+
+struct AcceptCtx {
+    shared: Arc<Shared>,
+    accepting: CancellationToken,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+}
+
+async fn accept_loop(l: TcpListener, route: Route, ctx: AcceptCtx) {
+    let AcceptCtx {
+        shared,
+        accepting,
+        stop,
+        tasks,
+    } = ctx;
+    loop {
+        let accepted = tokio::select! {
+            a = l.accept() => a,
+            _ = accepting.cancelled() => return,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                let _ = stream.set_nodelay(true);
+                let (shared, stop) = (shared.clone(), stop.clone());
+                tasks.spawn(async move {
+                    tokio::select! {
+                        _ = crate::session::serve_tcp(shared, stream, route) => {}
+                        _ = stop.cancelled() => {}
+                    }
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "accept failed"),
+        }
+    }
+}

@@ -1,0 +1,75 @@
+//! `pgha-proxy --config FILE`: runs the proxy. SIGTERM drains (clients
+//! finish their transaction, up to `shutdown_drain_timeout`), SIGINT stops
+//! at once, SIGHUP reloads the users file.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio::signal::unix::{signal, SignalKind};
+
+/// pgha's Postgres proxy: read-write and read-only ports with pooling.
+#[derive(Parser)]
+struct Args {
+    /// Path to the TOML config file (see proxy/README.md).
+    #[arg(long, env = "PGHA_PROXY_CONFIG")]
+    config: PathBuf,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let args = Args::parse();
+    let cfg = pgha_proxy::Config::load(&args.config)
+        .with_context(|| format!("loading {}", args.config.display()))?;
+    // One event loop by default, like PgBouncer: the least CPU per
+    // transaction. `workers = N` trades CPU for throughput on many cores.
+    let rt = if cfg.workers <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(cfg.workers)
+            .enable_all()
+            .build()?
+    };
+    rt.block_on(run(cfg))
+}
+
+async fn run(cfg: pgha_proxy::Config) -> anyhow::Result<()> {
+    let drain = cfg.shutdown_drain_timeout;
+    let handle = pgha_proxy::Proxy::start(Arc::new(cfg)).await?;
+    tracing::info!(
+        rw = %handle.rw_addr,
+        ro = %handle.ro_addr,
+        admin = %handle.admin_addr,
+        "pgha-proxy listening"
+    );
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                if let Err(e) = handle.shared.reload_users() {
+                    tracing::error!(error = %e, "SIGHUP: reload failed; keeping the old users");
+                }
+            }
+            _ = term.recv() => {
+                tracing::info!("SIGTERM: draining for up to {drain:?}");
+                handle.drain(drain).await;
+                return Ok(());
+            }
+            _ = int.recv() => {
+                tracing::info!("SIGINT: stopping now");
+                handle.stop().await;
+                return Ok(());
+            }
+        }
+    }
+}

@@ -1,0 +1,339 @@
+//! Server connection pools, one per (database, user, backend).
+//!
+//! A semaphore bounds the connections per pool (idle plus checked out), so a
+//! connection storm queues here instead of stampeding Postgres; a client
+//! that waits past `checkout_timeout` gets an error. Connections past their
+//! idle timeout or lifetime, closed by the server, or belonging to a backend
+//! that left its role are dropped instead of reused. May call: `server`,
+//! `router`, `config`, tokio sync.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::config::Config;
+use crate::router::{Backend, Route};
+use crate::server::{Login, Params, ServerConn, ServerError};
+
+/// Why no server connection was handed out.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("no server connection available within {0:?}")]
+    Timeout(Duration),
+    #[error(transparent)]
+    Server(#[from] ServerError),
+    #[error("server {0} is no longer in the role this route needs")]
+    WrongRole(String),
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+/// Counts a waiting client, also when its wait is abandoned (cancel).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(n: &'a AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::Relaxed);
+        Waiting(n)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One pool.
+#[derive(Debug)]
+pub struct Pool {
+    pub backend: Arc<Backend>,
+    pub route: Route,
+    login: Login,
+    cfg: Arc<Config>,
+    idle: Mutex<Vec<ServerConn>>,
+    slots: Arc<Semaphore>,
+    /// Set when the backend lost its role: nothing is reused any more.
+    retired: AtomicBool,
+    /// Checked-out connections.
+    active: AtomicUsize,
+    /// Clients waiting for a free slot.
+    waiting: AtomicUsize,
+    /// ParameterStatus of the last connection made, sent to new clients.
+    params: Mutex<Option<Params>>,
+}
+
+/// A checked-out connection; give it back with [`Pool::checkin`].
+#[derive(Debug)]
+pub struct Checkout {
+    pub conn: ServerConn,
+    pub pool: Arc<Pool>,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Pool {
+    fn new(backend: Arc<Backend>, route: Route, login: Login, cfg: Arc<Config>) -> Pool {
+        Pool {
+            route,
+            slots: Arc::new(Semaphore::new(cfg.pool_size)),
+            backend,
+            login,
+            cfg,
+            idle: Mutex::new(Vec::new()),
+            retired: AtomicBool::new(false),
+            active: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
+            params: Mutex::new(None),
+        }
+    }
+
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
+    }
+
+    /// Closes idle connections and refuses to reuse the others.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+        lock(&self.idle).clear();
+    }
+
+    /// (idle, checked out) connection counts.
+    pub fn counts(&self) -> (usize, usize) {
+        (lock(&self.idle).len(), self.active.load(Ordering::Relaxed))
+    }
+
+    /// Clients waiting for a connection now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// Parameters a new client should see, if a connection was ever made.
+    pub fn cached_params(&self) -> Option<Params> {
+        lock(&self.params).clone()
+    }
+
+    fn reusable(&self, c: &mut ServerConn) -> bool {
+        let now = Instant::now();
+        if now.duration_since(c.created) > self.cfg.server_lifetime
+            || now.duration_since(c.idle_since) > self.cfg.server_idle_timeout
+        {
+            return false;
+        }
+        // A connection idle for a while may have been closed by the server
+        // (an admin shutdown notice or EOF waits in its socket). Recently
+        // used ones skip the probe: it costs a syscall per transaction.
+        if now.duration_since(c.idle_since) < Duration::from_secs(1) {
+            return true;
+        }
+        let mut probe = [0u8; 1];
+        matches!(c.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+
+    /// An idle pooled connection, if one is free right now (no waiting,
+    /// no connecting): the common case, kept cheap.
+    pub fn try_checkout_idle(self: &Arc<Self>) -> Option<Checkout> {
+        let slot = self.slots.clone().try_acquire_owned().ok()?;
+        let conn = loop {
+            let mut c = lock(&self.idle).pop()?;
+            if self.reusable(&mut c) {
+                break c;
+            }
+        };
+        self.active.fetch_add(1, Ordering::Relaxed);
+        Some(Checkout {
+            conn,
+            pool: self.clone(),
+            _slot: slot,
+        })
+    }
+
+    /// A logged-in connection whose role suits `need_primary`, waiting at
+    /// most `timeout` for a free slot.
+    pub async fn checkout(
+        self: &Arc<Self>,
+        timeout: Duration,
+        need_primary: bool,
+    ) -> Result<Checkout, PoolError> {
+        let waiting = Waiting::new(&self.waiting);
+        let slot = tokio::time::timeout(timeout, self.slots.clone().acquire_owned()).await;
+        drop(waiting);
+        let slot = slot
+            .map_err(|_| PoolError::Timeout(timeout))?
+            .map_err(|_| PoolError::Timeout(timeout))?;
+        let pooled = loop {
+            let Some(mut c) = lock(&self.idle).pop() else {
+                break None;
+            };
+            if self.reusable(&mut c) {
+                break Some(c);
+            }
+        };
+        let conn = match pooled {
+            Some(c) => c,
+            None => {
+                // Boxed: connecting is rare and its state is large; it must
+                // not grow every session's future.
+                let c = Box::pin(ServerConn::connect(
+                    self.backend.clone(),
+                    &self.login,
+                    self.cfg.server_connect_timeout,
+                    self.cfg.prepared_cache_size,
+                ))
+                .await?;
+                *lock(&self.params) = Some(c.params.clone());
+                if need_primary && c.in_recovery {
+                    return Err(PoolError::WrongRole(self.backend.name.clone()));
+                }
+                c
+            }
+        };
+        self.active.fetch_add(1, Ordering::Relaxed);
+        Ok(Checkout {
+            conn,
+            pool: self.clone(),
+            _slot: slot,
+        })
+    }
+
+    /// Returns a connection; `clean` when its last ReadyForQuery said idle
+    /// with nothing outstanding. Anything else is closed.
+    pub fn checkin(&self, mut co: Checkout, clean: bool) {
+        self.active.fetch_sub(1, Ordering::Relaxed);
+        let now = Instant::now();
+        if clean
+            && !self.is_retired()
+            && now.duration_since(co.conn.created) <= self.cfg.server_lifetime
+        {
+            co.conn.idle_since = now;
+            lock(&self.idle).push(co.conn);
+        }
+    }
+
+    /// Closes idle connections past their idle timeout or lifetime, then
+    /// opens connections until the pool holds `min_idle` (bounded by pool_size).
+    /// Called periodically by [`Pools::maintain`].
+    pub async fn maintain(self: &Arc<Self>) {
+        let now = Instant::now();
+        lock(&self.idle).retain(|c| {
+            now.duration_since(c.idle_since) <= self.cfg.server_idle_timeout
+                && now.duration_since(c.created) <= self.cfg.server_lifetime
+        });
+        // Like PgBouncer's min_pool_size: connections in use count too.
+        // Slots held (checked out or being connected) count too.
+        let held = || self.cfg.pool_size - self.slots.available_permits();
+        while !self.is_retired() && lock(&self.idle).len() + held() < self.cfg.min_idle {
+            let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+                return;
+            };
+            let connected = Box::pin(ServerConn::connect(
+                self.backend.clone(),
+                &self.login,
+                self.cfg.server_connect_timeout,
+                self.cfg.prepared_cache_size,
+            ))
+            .await;
+            drop(slot);
+            match connected {
+                Ok(c) if self.route != Route::ReadWrite || !c.in_recovery => {
+                    *lock(&self.params) = Some(c.params.clone());
+                    lock(&self.idle).push(c);
+                }
+                Ok(_) => return,
+                Err(e) => {
+                    tracing::warn!(backend = %self.backend.name, error = %e, "min_idle connect failed");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Drops a connection that cannot be reused.
+    pub fn discard(&self, co: Checkout) {
+        self.checkin(co, false);
+    }
+}
+
+/// (database, user, backend, route): read-write pools hold only
+/// connections that confirmed `pg_is_in_recovery() = false`.
+type PoolKey = (String, String, Arc<Backend>, Route);
+
+/// Every pool, by (database, user, backend, route).
+#[derive(Debug)]
+pub struct Pools {
+    cfg: Arc<Config>,
+    map: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+}
+
+impl Pools {
+    pub fn new(cfg: Arc<Config>) -> Pools {
+        Pools {
+            cfg,
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The pool for this login on `backend`, created on first use.
+    pub fn get(&self, backend: &Arc<Backend>, login: &Login, route: Route) -> Arc<Pool> {
+        let key = (
+            login.database.clone(),
+            login.user.clone(),
+            backend.clone(),
+            route,
+        );
+        let mut map = lock(&self.map);
+        if let Some(p) = map.get(&key) {
+            if !p.is_retired() {
+                return p.clone();
+            }
+        }
+        let p = Arc::new(Pool::new(
+            backend.clone(),
+            route,
+            login.clone(),
+            self.cfg.clone(),
+        ));
+        map.insert(key, p.clone());
+        p
+    }
+
+    /// Retires every pool for which `stays(backend, route)` is false.
+    pub fn retire_unless(&self, stays: impl Fn(&Backend, Route) -> bool) {
+        let mut map = lock(&self.map);
+        map.retain(|(_, _, b, r), p| {
+            let stays = stays(b, *r);
+            if !stays {
+                p.retire();
+            }
+            stays
+        });
+    }
+
+    /// Checked-out read-write connections: transactions in flight on the leader.
+    pub fn rw_in_flight(&self) -> usize {
+        lock(&self.map)
+            .values()
+            .filter(|p| p.route == Route::ReadWrite)
+            .map(|p| p.active.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Runs [`Pool::maintain`] on every pool.
+    pub async fn maintain(&self) {
+        for p in self.snapshot() {
+            p.maintain().await;
+        }
+    }
+
+    /// A snapshot of every pool for `/status`.
+    pub fn snapshot(&self) -> Vec<Arc<Pool>> {
+        lock(&self.map).values().cloned().collect()
+    }
+}

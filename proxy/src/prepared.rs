@@ -1,0 +1,148 @@
+//! Protocol-level prepared statements in transaction mode.
+//!
+//! A client's statement names mean nothing on a shared server connection,
+//! so each distinct statement (query text plus parameter types) gets one
+//! proxy-wide server name `pgha_<n>`. A client's Parse is recorded under its
+//! own name; the statement is prepared on whichever server connection runs
+//! the Bind or Describe that uses it. Each server connection keeps a bounded
+//! cache of what it has prepared (least recently used is closed first).
+//! Pure code, no I/O.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+
+/// One distinct statement.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Statement {
+    /// Its name on every server connection.
+    pub server_name: String,
+    /// The Parse body after the name: query text and parameter types.
+    pub body: Bytes,
+}
+
+/// Proxy-wide interning of statements by content.
+#[derive(Debug, Default)]
+pub struct Registry {
+    by_body: Mutex<HashMap<Bytes, Arc<Statement>>>,
+    next: AtomicU64,
+}
+
+impl Registry {
+    /// The statement with this Parse body, created on first sight.
+    pub fn intern(&self, body: &[u8]) -> Arc<Statement> {
+        let mut map = match self.by_body.lock() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(s) = map.get(body) {
+            return s.clone();
+        }
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let body = Bytes::copy_from_slice(body);
+        let s = Arc::new(Statement {
+            server_name: format!("pgha_{n}"),
+            body: body.clone(),
+        });
+        map.insert(body, s.clone());
+        s
+    }
+}
+
+/// What one server connection has prepared, bounded.
+#[derive(Debug)]
+pub struct ServerCache {
+    capacity: usize,
+    clock: u64,
+    used: HashMap<String, u64>,
+}
+
+impl ServerCache {
+    pub fn new(capacity: usize) -> ServerCache {
+        ServerCache {
+            capacity: capacity.max(1),
+            clock: 0,
+            used: HashMap::new(),
+        }
+    }
+
+    /// Whether `name` is prepared; marks it used.
+    pub fn touch(&mut self, name: &str) -> bool {
+        self.clock += 1;
+        match self.used.get_mut(name) {
+            Some(t) => {
+                *t = self.clock;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Records `name` as prepared; returns the statement to close to stay
+    /// within capacity, if any.
+    pub fn insert(&mut self, name: &str) -> Option<String> {
+        self.clock += 1;
+        let mut evicted = None;
+        if self.used.len() >= self.capacity && !self.used.contains_key(name) {
+            let oldest = self
+                .used
+                .iter()
+                .min_by_key(|(_, t)| **t)
+                .map(|(n, _)| n.clone());
+            if let Some(o) = oldest {
+                self.used.remove(&o);
+                evicted = Some(o);
+            }
+        }
+        self.used.insert(name.to_owned(), self.clock);
+        evicted
+    }
+
+    /// The statement does not exist on the server after all.
+    pub fn remove(&mut self, name: &str) {
+        self.used.remove(name);
+    }
+
+    pub fn clear(&mut self) {
+        self.used.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.used.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.used.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_content_gets_the_same_server_name_different_content_another() {
+        let r = Registry::default();
+        let a = r.intern(b"select 1\0\0\0");
+        let b = r.intern(b"select 1\0\0\0");
+        let c = r.intern(b"select 2\0\0\0");
+        assert_eq!(a.server_name, b.server_name);
+        assert_ne!(a.server_name, c.server_name);
+    }
+
+    #[test]
+    fn cache_is_bounded_and_evicts_the_least_recently_used() {
+        let mut c = ServerCache::new(2);
+        assert_eq!(c.insert("a"), None);
+        assert_eq!(c.insert("b"), None);
+        assert!(c.touch("a"));
+        assert_eq!(c.insert("c"), Some("b".into()));
+        assert!(!c.touch("b"));
+        assert!(c.touch("a") && c.touch("c"));
+        assert_eq!(c.len(), 2);
+        c.remove("a");
+        assert!(!c.touch("a"));
+    }
+}

@@ -1,0 +1,382 @@
+//! One connection from the proxy to a Postgres server: startup,
+//! authentication (trust, cleartext, md5, SCRAM-SHA-256), the role check
+//! `pg_is_in_recovery()` that every new connection must pass, and the reset
+//! used between session-mode clients.
+//!
+//! After login the session moves bytes on [`ServerConn::stream`] itself;
+//! this module only runs the proxy's own little conversations. May call:
+//! `protocol`, `tracker`, `prepared`, tokio networking.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::prepared::ServerCache;
+use crate::protocol::messages::{self as msg, ErrorFields};
+use crate::protocol::{split_frame, Frame, ProtocolError};
+use crate::router::Backend;
+use crate::tracker::Tracker;
+
+/// Messages from a server larger than this are refused during login.
+const MAX_LOGIN_MESSAGE: usize = 1 << 20;
+
+/// Why a server connection could not be made or used.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot connect to {backend}: {source}")]
+    Connect {
+        backend: String,
+        source: std::io::Error,
+    },
+    #[error("I/O error with server: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("server did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("server refused: {} {}", .0.code, .0.message)]
+    Rejected(ErrorFields),
+    #[error("server asks for a password the proxy does not have")]
+    NoPassword,
+    #[error("server authentication failed: {0}")]
+    Auth(String),
+    #[error("server protocol error: {0}")]
+    Protocol(String),
+    #[error("server closed the connection")]
+    Closed,
+}
+
+impl From<ProtocolError> for ServerError {
+    fn from(e: ProtocolError) -> Self {
+        ServerError::Protocol(e.to_string())
+    }
+}
+
+/// ParameterStatus values a server reported, and the same as wire
+/// messages, encoded once so a new client gets them with one copy.
+#[derive(Debug, Default)]
+pub struct ParamSet {
+    pub list: Vec<(String, String)>,
+    pub wire: bytes::Bytes,
+}
+
+impl ParamSet {
+    pub fn new(list: Vec<(String, String)>) -> ParamSet {
+        let mut wire = BytesMut::new();
+        for (k, v) in &list {
+            msg::put_parameter_status(&mut wire, k, v);
+        }
+        ParamSet {
+            list,
+            wire: wire.freeze(),
+        }
+    }
+}
+
+/// Shared with the sessions and the pool.
+pub type Params = Arc<ParamSet>;
+
+/// Who logs in, where.
+#[derive(Debug, Clone)]
+pub struct Login {
+    pub user: String,
+    pub database: String,
+    pub password: Option<String>,
+    /// (ClientKey, ServerKey) for SCRAM without the password: recovered
+    /// from the client's own SCRAM login against an auth_query verifier.
+    pub scram_keys: Option<([u8; 32], [u8; 32])>,
+}
+
+/// The SCRAM exchange with a server in progress.
+enum ScramClient {
+    Password(ScramSha256),
+    Keys(crate::auth::scram::KeyClient),
+}
+
+impl std::fmt::Debug for ScramClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ScramClient(..)")
+    }
+}
+
+/// A logged-in server connection.
+#[derive(Debug)]
+pub struct ServerConn {
+    pub stream: TcpStream,
+    /// Bytes read from the server not yet handled.
+    pub rbuf: BytesMut,
+    pub backend: Arc<Backend>,
+    /// ParameterStatus values the server reported at login (updated as it
+    /// reports changes).
+    pub params: Params,
+    /// The server's BackendKeyData, for cancel requests.
+    pub key: (i32, i32),
+    pub in_recovery: bool,
+    pub created: Instant,
+    pub idle_since: Instant,
+    pub tracker: Tracker,
+    pub prepared: ServerCache,
+    /// Must not be reused (its prepared statements went stale after DDL).
+    pub discard: bool,
+}
+
+impl ServerConn {
+    /// Connects, logs in and checks the server's role, all within `timeout`.
+    pub async fn connect(
+        backend: Arc<Backend>,
+        login: &Login,
+        timeout: Duration,
+        cache_size: usize,
+    ) -> Result<ServerConn, ServerError> {
+        tokio::time::timeout(timeout, Self::connect_inner(backend, login, cache_size))
+            .await
+            .map_err(|_| ServerError::Timeout(timeout))?
+    }
+
+    async fn connect_inner(
+        backend: Arc<Backend>,
+        login: &Login,
+        cache_size: usize,
+    ) -> Result<ServerConn, ServerError> {
+        let stream = TcpStream::connect((backend.host.as_str(), backend.port))
+            .await
+            .map_err(|source| ServerError::Connect {
+                backend: backend.name.clone(),
+                source,
+            })?;
+        let _ = stream.set_nodelay(true);
+        let mut conn = ServerConn {
+            stream,
+            rbuf: BytesMut::with_capacity(8192),
+            backend,
+            params: Arc::new(ParamSet::default()),
+            key: (0, 0),
+            in_recovery: true,
+            created: Instant::now(),
+            idle_since: Instant::now(),
+            tracker: Tracker::default(),
+            prepared: ServerCache::new(cache_size),
+            discard: false,
+        };
+        conn.login(login).await?;
+        let rows = conn.simple_query("select pg_is_in_recovery()").await?;
+        conn.in_recovery = match rows.first().map(String::as_str) {
+            Some("f") => false,
+            Some("t") => true,
+            other => {
+                return Err(ServerError::Protocol(format!(
+                    "pg_is_in_recovery() returned {other:?}"
+                )))
+            }
+        };
+        Ok(conn)
+    }
+
+    /// Reads the next whole message from the server.
+    pub async fn read_frame(&mut self) -> Result<Frame, ServerError> {
+        loop {
+            if let Some(f) = split_frame(&mut self.rbuf, MAX_LOGIN_MESSAGE)? {
+                return Ok(f);
+            }
+            if self.stream.read_buf(&mut self.rbuf).await? == 0 {
+                return Err(ServerError::Closed);
+            }
+        }
+    }
+
+    async fn login(&mut self, login: &Login) -> Result<(), ServerError> {
+        let mut out = BytesMut::new();
+        msg::put_startup(
+            &mut out,
+            &[
+                ("user", &login.user),
+                ("database", &login.database),
+                ("application_name", "pgha-proxy"),
+            ],
+        );
+        self.stream.write_all(&out).await?;
+        let mut scram: Option<ScramClient> = None;
+        let mut params = Vec::new();
+        loop {
+            let f = self.read_frame().await?;
+            match f.tag() {
+                b'R' => self.auth_step(f.body(), login, &mut scram).await?,
+                b'S' => {
+                    if let Some((k, v)) = msg::parameter_status(f.body()) {
+                        params.push((k.to_owned(), v.to_owned()));
+                    }
+                }
+                b'K' => {
+                    self.key = msg::backend_key(f.body())
+                        .ok_or_else(|| ServerError::Protocol("bad BackendKeyData".into()))?;
+                }
+                b'E' => return Err(rejected(f.body())),
+                b'Z' => {
+                    self.params = Arc::new(ParamSet::new(params));
+                    return Ok(());
+                }
+                _ => {}
+            }
+        }
+    }
+
+    async fn auth_step(
+        &mut self,
+        body: &[u8],
+        login: &Login,
+        scram: &mut Option<ScramClient>,
+    ) -> Result<(), ServerError> {
+        let bad = || ServerError::Protocol("bad authentication request".into());
+        let (code, data) = body.split_first_chunk::<4>().ok_or_else(bad)?;
+        let password = || login.password.as_deref().ok_or(ServerError::NoPassword);
+        let mut out = BytesMut::new();
+        match i32::from_be_bytes(*code) {
+            0 => return Ok(()),
+            3 => msg::put_password(&mut out, password()?),
+            5 => {
+                let salt: [u8; 4] = data.try_into().map_err(|_| bad())?;
+                let hash = postgres_protocol::authentication::md5_hash(
+                    login.user.as_bytes(),
+                    password()?.as_bytes(),
+                    salt,
+                );
+                msg::put_password(&mut out, &hash);
+            }
+            10 => {
+                let client = match (&login.password, login.scram_keys) {
+                    (Some(pw), _) => ScramClient::Password(ScramSha256::new(
+                        pw.as_bytes(),
+                        ChannelBinding::unsupported(),
+                    )),
+                    (None, Some((ck, sk))) => ScramClient::Keys(
+                        crate::auth::scram::KeyClient::new(ck, sk, crate::auth::nonce()),
+                    ),
+                    (None, None) => return Err(ServerError::NoPassword),
+                };
+                let first = match &client {
+                    ScramClient::Password(c) => c.message().to_vec(),
+                    ScramClient::Keys(k) => k.first(),
+                };
+                msg::put_sasl_initial(&mut out, "SCRAM-SHA-256", &first);
+                *scram = Some(client);
+            }
+            11 => {
+                let auth = |e: String| ServerError::Auth(e);
+                let reply = match scram.as_mut().ok_or_else(bad)? {
+                    ScramClient::Password(c) => {
+                        c.update(data).map_err(|e| auth(e.to_string()))?;
+                        c.message().to_vec()
+                    }
+                    ScramClient::Keys(k) => k.respond(data).map_err(|e| auth(e.to_string()))?,
+                };
+                msg::put_sasl_response(&mut out, &reply);
+            }
+            12 => {
+                let auth = |e: String| ServerError::Auth(e);
+                return match scram.as_mut().ok_or_else(bad)? {
+                    ScramClient::Password(c) => c.finish(data).map_err(|e| auth(e.to_string())),
+                    ScramClient::Keys(k) => k.verify(data).map_err(|e| auth(e.to_string())),
+                };
+            }
+            other => {
+                return Err(ServerError::Auth(format!(
+                    "unsupported authentication request {other}"
+                )))
+            }
+        }
+        self.stream.write_all(&out).await?;
+        Ok(())
+    }
+
+    /// Runs `sql` with the simple protocol; the first column of each row.
+    pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<String>, ServerError> {
+        let rows = self.query_rows(sql).await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| r.into_iter().next().flatten().unwrap_or_default())
+            .collect())
+    }
+
+    /// Runs `sql` with the simple protocol; every column of each row
+    /// (`None` for NULL).
+    pub async fn query_rows(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, ServerError> {
+        let mut out = BytesMut::new();
+        msg::put_query(&mut out, sql);
+        self.stream.write_all(&out).await?;
+        let mut rows = Vec::new();
+        let mut error = None;
+        loop {
+            let f = self.read_frame().await?;
+            match f.tag() {
+                b'D' => rows.push(columns(f.body()).unwrap_or_default()),
+                b'E' => error = Some(rejected(f.body())),
+                b'Z' => {
+                    if let Some(s) = msg::ready_status(f.body()) {
+                        self.tracker = Tracker::default();
+                        if s != b'I' {
+                            return Err(ServerError::Protocol(format!(
+                                "server not idle after {sql:?}"
+                            )));
+                        }
+                    }
+                    return match error {
+                        Some(e) => Err(e),
+                        None => Ok(rows),
+                    };
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Resets session state before another session-mode client gets it.
+    pub async fn reset(&mut self) -> Result<(), ServerError> {
+        self.simple_query("DISCARD ALL").await?;
+        self.prepared.clear();
+        Ok(())
+    }
+}
+
+fn rejected(body: &[u8]) -> ServerError {
+    ServerError::Rejected(msg::error_fields(body).unwrap_or_default())
+}
+
+/// The columns of a DataRow as text (`None` for NULL).
+fn columns(body: &[u8]) -> Option<Vec<Option<String>>> {
+    let (count, mut rest) = body.split_first_chunk::<2>()?;
+    let mut out = Vec::new();
+    for _ in 0..u16::from_be_bytes(*count) {
+        let (len, r) = rest.split_first_chunk::<4>()?;
+        let len = i32::from_be_bytes(*len);
+        match usize::try_from(len) {
+            Ok(n) => {
+                out.push(Some(String::from_utf8_lossy(r.get(..n)?).into_owned()));
+                rest = r.get(n..)?;
+            }
+            Err(_) => {
+                out.push(None);
+                rest = r;
+            }
+        }
+    }
+    Some(out)
+}
+
+/// Sends a CancelRequest for `key` to the server at `backend`.
+pub async fn send_cancel(backend: &Backend, key: (i32, i32)) -> Result<(), ServerError> {
+    let mut s = TcpStream::connect((backend.host.as_str(), backend.port))
+        .await
+        .map_err(|source| ServerError::Connect {
+            backend: backend.name.clone(),
+            source,
+        })?;
+    let mut out = BytesMut::new();
+    msg::put_cancel(&mut out, key.0, key.1);
+    s.write_all(&out).await?;
+    // The server closes the connection after handling the request.
+    let mut sink = [0u8; 1];
+    let _ = s.read(&mut sink).await;
+    Ok(())
+}

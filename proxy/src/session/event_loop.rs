@@ -1,0 +1,184 @@
+//! The session's message loop: waits for the next event (client bytes,
+//! server bytes, a routing change, a drain request), hands it to the
+//! session's handlers, and decides when the session ends.
+//!
+//! Idle clients wait for readability without holding a read buffer. May
+//! call: the session's handlers, tokio I/O.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use bytes::BytesMut;
+use tokio::io::AsyncReadExt;
+use tokio::sync::watch;
+use tokio_util::sync::WaitForCancellationFutureOwned;
+
+use super::{ClientError, ClientIo, Flow, Session, SessionError, READ_CHUNK};
+use crate::metrics::ErrorKind;
+use crate::protocol::messages as msg;
+
+/// What woke the session.
+enum Ev {
+    /// An idle client's socket has data: read it next turn.
+    Readable,
+    Client(std::io::Result<usize>),
+    Server(std::io::Result<usize>),
+    Topology(watch::Receiver<u64>),
+    Drain,
+}
+
+/// Loop state that is not part of the session.
+#[derive(Default)]
+struct LoopState {
+    readable: bool,
+    drain_noted: bool,
+}
+
+/// Resolves at the next routing change, handing the receiver back.
+async fn next_change(mut rx: watch::Receiver<u64>) -> watch::Receiver<u64> {
+    if rx.changed().await.is_err() {
+        // The sender lives as long as the proxy: never wake again.
+        std::future::pending::<()>().await;
+    }
+    rx
+}
+
+fn server_lost() -> ClientError {
+    ClientError {
+        code: "08006",
+        message: "server connection lost".into(),
+    }
+}
+
+impl<C: ClientIo> Session<C> {
+    /// Waits for the next event.
+    async fn next_event<F: Future<Output = watch::Receiver<u64>>>(
+        &mut self,
+        st: &LoopState,
+        changes: &mut Pin<&mut F>,
+        draining: &mut Pin<&mut WaitForCancellationFutureOwned>,
+    ) -> Ev {
+        let Session {
+            client,
+            cbuf,
+            server,
+            ..
+        } = self;
+        let idle = server.is_none() && cbuf.is_empty() && !st.readable;
+        if idle && cbuf.capacity() > 0 {
+            *cbuf = BytesMut::new();
+        }
+        if !idle && cbuf.capacity() - cbuf.len() < 1024 {
+            cbuf.reserve(READ_CHUNK);
+        }
+        let server_read = async {
+            match server.as_mut() {
+                Some(co) => {
+                    let b = &mut co.conn.rbuf;
+                    if b.capacity() - b.len() < 1024 {
+                        b.reserve(READ_CHUNK);
+                    }
+                    co.conn.stream.read_buf(b).await
+                }
+                None => std::future::pending().await,
+            }
+        };
+        let client_read = async {
+            if idle {
+                client.wait_readable().await;
+                return Ev::Readable;
+            }
+            Ev::Client(client.read_buf(cbuf).await)
+        };
+        tokio::select! {
+            // Fixed order, no random draw per turn: server replies first,
+            // so a server is never left blocked on a full socket.
+            biased;
+            r = server_read => Ev::Server(r),
+            ev = client_read => ev,
+            rx = changes.as_mut() => Ev::Topology(rx),
+            _ = draining.as_mut(), if !st.drain_noted => Ev::Drain,
+        }
+    }
+
+    /// Handles one event.
+    async fn handle(&mut self, ev: Ev, st: &mut LoopState) -> Result<Flow, SessionError> {
+        match ev {
+            Ev::Readable => {
+                st.readable = true;
+                Ok(Flow::Continue)
+            }
+            Ev::Client(Ok(0)) | Ev::Client(Err(_)) => Ok(Flow::Quit),
+            Ev::Client(Ok(n)) => {
+                st.readable = false;
+                self.shared.metrics.bytes_in.increment(n as u64);
+                self.on_client_data().await
+            }
+            Ev::Server(Ok(n)) if n > 0 => self.on_server_data().await.map(|_| Flow::Continue),
+            Ev::Server(_) => Ok(self.lose_server(server_lost())),
+            // The caller re-arms the routing wait.
+            Ev::Topology(_) => Ok(self.on_topology()),
+            Ev::Drain => {
+                st.drain_noted = true;
+                Ok(Flow::Continue)
+            }
+        }
+    }
+
+    /// Turns a handler error into what happens next; `None`: end now.
+    fn recover(&mut self, r: Result<Flow, SessionError>) -> Option<Flow> {
+        match r {
+            Ok(f) => Some(f),
+            Err(SessionError::Protocol(e)) => {
+                self.shared.metrics.error(ErrorKind::Protocol);
+                msg::put_error(&mut self.out_client, "FATAL", "08P01", &e.to_string());
+                Some(Flow::Quit)
+            }
+            Err(SessionError::ServerIo(_)) => Some(self.lose_server(server_lost())),
+            Err(SessionError::ClientIo(_)) => None,
+        }
+    }
+
+    /// Draining: a client leaves between transactions, never inside one.
+    async fn drained(&mut self, st: &LoopState) -> bool {
+        let between = self
+            .server
+            .as_ref()
+            .is_none_or(|co| co.conn.tracker.is_free());
+        if !(st.drain_noted && between && self.cbuf.is_empty()) {
+            return false;
+        }
+        msg::put_error(
+            &mut self.out_client,
+            "FATAL",
+            "57P01",
+            "terminating connection due to administrator command: pgha-proxy is shutting down",
+        );
+        let _ = self.flush().await;
+        true
+    }
+
+    /// The message loop, until the client leaves or the proxy stops.
+    pub(super) async fn run(mut self) {
+        // Long-lived waits, created once: re-creating them on every loop
+        // turn would lock their wait lists twice per message.
+        let mut changes = std::pin::pin!(next_change(self.shared.topology.subscribe()));
+        let mut draining = std::pin::pin!(self.shared.draining.clone().cancelled_owned());
+        let mut st = LoopState::default();
+        loop {
+            let ev = self.next_event(&st, &mut changes, &mut draining).await;
+            if let Ev::Topology(rx) = &ev {
+                changes.set(next_change(rx.clone()));
+            }
+            let r = self.handle(ev, &mut st).await;
+            let Some(flow) = self.recover(r) else { break };
+            if self.flush().await.is_err() {
+                break;
+            }
+            if matches!(flow, Flow::Quit) || self.drained(&st).await {
+                break;
+            }
+        }
+        self.finish().await;
+    }
+}

@@ -1,0 +1,518 @@
+//! One client connection: startup, authentication, then moving messages
+//! between the client and whichever server connection serves it.
+//!
+//! In transaction mode a server is attached when a request arrives and given
+//! back when its ReadyForQuery says idle with nothing outstanding; in
+//! session mode it stays attached until the client leaves. A leader change
+//! detaches servers that left their role. May call: `auth`, `pool`,
+//! `topology`, `router`, `cancel`, `protocol`, `forward`.
+
+mod event_loop;
+mod forward;
+mod startup;
+
+use std::sync::Arc;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+use crate::cancel::Registration;
+use crate::config::PoolMode;
+use crate::metrics::ErrorKind;
+use crate::pool::{Checkout, Pool, PoolError};
+use crate::protocol::messages as msg;
+use crate::protocol::{peek_frame, ProtocolError};
+use crate::router::{Backend, Route};
+use crate::server::{Login, Params};
+use crate::Shared;
+use forward::{ClientStatements, Out};
+
+pub use startup::{serve, serve_tcp};
+
+/// A client connection: plain TCP, TLS, or an in-memory pipe in tests.
+pub trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send {
+    /// Waits until a read would find data, when the stream can tell without
+    /// a buffer (plain TCP); streams that cannot return at once. Lets idle
+    /// clients wait without holding a read buffer.
+    fn wait_readable(&self) -> impl std::future::Future<Output = ()> + Send;
+}
+
+impl ClientIo for tokio::net::TcpStream {
+    async fn wait_readable(&self) {
+        let _ = self.readable().await;
+    }
+}
+
+impl ClientIo for tokio::io::DuplexStream {
+    async fn wait_readable(&self) {}
+}
+
+impl ClientIo for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {
+    // rustls may hold decrypted bytes the socket no longer shows.
+    async fn wait_readable(&self) {}
+}
+
+/// Buffers above this are released after use, so a large result does not
+/// pin memory for the life of the connection.
+const KEEP_BUFFER: usize = 64 * 1024;
+
+/// Read buffer reserved when a client or server has data.
+const READ_CHUNK: usize = 8 * 1024;
+
+/// Largest message accepted from a server (the protocol's own limit).
+const MAX_SERVER_MESSAGE: usize = i32::MAX as usize;
+
+/// Why a session ended or a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("client I/O: {0}")]
+    ClientIo(std::io::Error),
+    #[error("server I/O: {0}")]
+    ServerIo(std::io::Error),
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+}
+
+/// An error a client sees for one request: SQLSTATE and text.
+#[derive(Debug, Clone)]
+struct ClientError {
+    code: &'static str,
+    message: String,
+}
+
+impl From<PoolError> for ClientError {
+    fn from(e: PoolError) -> Self {
+        let message = match &e {
+            PoolError::Timeout(d) => {
+                format!("no server connection available within {d:?} (pool exhausted)")
+            }
+            PoolError::Server(_) | PoolError::WrongRole(_) => {
+                "cannot connect to the database server".to_owned()
+            }
+        };
+        tracing::warn!(error = %e, "server checkout failed");
+        ClientError {
+            code: "57P03",
+            message,
+        }
+    }
+}
+
+/// Whether the loop goes on.
+enum Flow {
+    Continue,
+    Quit,
+}
+
+/// One authenticated client.
+struct Session<C> {
+    shared: Arc<Shared>,
+    client: C,
+    route: Route,
+    login: Login,
+    cancel: Registration,
+    cbuf: BytesMut,
+    out_server: BytesMut,
+    out_client: BytesMut,
+    server: Option<Checkout>,
+    stmts: ClientStatements,
+    /// ParameterStatus values the client has been told.
+    told: Params,
+    /// Skipping extended-protocol messages up to Sync after a failed request.
+    skipping: bool,
+    /// An error owed to the client for a transaction the proxy aborted.
+    owed: Option<ClientError>,
+    /// The pool last used, so a transaction needs no pool-map lookup.
+    pool_cache: Option<(Arc<Backend>, Arc<Pool>)>,
+}
+
+impl<C: ClientIo> Session<C> {
+    fn tx_mode(&self) -> bool {
+        self.shared.cfg.pool_mode == PoolMode::Transaction
+    }
+
+    /// Attaches a server: an idle pooled one at once when the routing table
+    /// allows (the common case, no allocation), else the slow path, boxed
+    /// so its large state does not grow every session.
+    async fn attach(&mut self) -> Result<(), ClientError> {
+        let table = self.shared.topology.load();
+        let fallback = self.shared.cfg.ro_fallback_to_leader;
+        if !table.paused {
+            let turn = self.shared.next_turn();
+            if let Some(backend) = table.choose(self.route, turn, fallback) {
+                if let Some((b, p)) = &self.pool_cache {
+                    if Arc::ptr_eq(b, &backend) && !p.is_retired() {
+                        if let Some(co) = p.try_checkout_idle() {
+                            self.shared
+                                .metrics
+                                .wait(self.route, std::time::Duration::ZERO);
+                            self.cancel.slot.attach(backend, co.conn.key);
+                            self.tell_params(&co.conn.params);
+                            self.server = Some(co);
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+        }
+        Box::pin(self.attach_slow()).await
+    }
+
+    /// Finds the backend for this route (waiting up to the configured bound
+    /// for a leader or the end of a pause) and checks out a connection.
+    async fn attach_slow(&mut self) -> Result<(), ClientError> {
+        let cfg = &self.shared.cfg;
+        let fallback = cfg.ro_fallback_to_leader;
+        let route = self.route;
+        let deadline = tokio::time::Instant::now() + cfg.leader_wait_timeout;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let table = self
+                .shared
+                .topology
+                .wait_for(left, |t| {
+                    !t.paused && t.choose(route, 0, fallback).is_some()
+                })
+                .await
+                .map_err(|t| {
+                    self.shared.metrics.error(ErrorKind::NoServer);
+                    ClientError {
+                        code: "57P03",
+                        message: if t.paused {
+                            "the proxy is paused and did not resume in time".into()
+                        } else if route == Route::ReadWrite {
+                            format!("no leader available within {:?}", cfg.leader_wait_timeout)
+                        } else {
+                            "no read-only server available".into()
+                        },
+                    }
+                })?;
+            let turn = self.shared.next_turn();
+            let Some(backend) = table.choose(route, turn, fallback) else {
+                continue;
+            };
+            let pool = match &self.pool_cache {
+                Some((b, p)) if Arc::ptr_eq(b, &backend) && !p.is_retired() => p.clone(),
+                _ => {
+                    let p = self.shared.pools.get(&backend, &self.login, route);
+                    self.pool_cache = Some((backend.clone(), p.clone()));
+                    p
+                }
+            };
+            let started = std::time::Instant::now();
+            let co = match pool.try_checkout_idle() {
+                Some(co) => Ok(co),
+                None => tokio::select! {
+                r = pool.checkout(cfg.checkout_timeout, route == Route::ReadWrite) => r,
+                _ = self.cancel.slot.waiting.notified() => {
+                    return Err(ClientError {
+                        code: "57014",
+                        message: "canceling statement due to user request".into(),
+                    })
+                }
+                },
+            };
+            match co {
+                Ok(co) => {
+                    tracing::debug!(backend = %backend.name, waited = ?started.elapsed(), "checked out");
+                    self.shared.metrics.wait(route, started.elapsed());
+                    self.cancel.slot.attach(backend, co.conn.key);
+                    self.tell_params(&co.conn.params);
+                    self.server = Some(co);
+                    return Ok(());
+                }
+                // The leader key moved before promotion finished: wait for
+                // the table to change or the server to be promoted.
+                Err(PoolError::WrongRole(e)) if tokio::time::Instant::now() < deadline => {
+                    tracing::debug!(backend = %backend.name, error = %e, "checkout: wrong role, waiting");
+                    let _ = tokio::time::timeout(
+                        std::time::Duration::from_millis(50),
+                        self.shared.topology.changed(),
+                    )
+                    .await;
+                }
+                // The server is down (its node died and the leader key has
+                // not expired yet, or postgres restarts in place): wait,
+                // within the same bound, for the table to change or the
+                // server to come back, so a failover costs the client time
+                // but not an error.
+                Err(PoolError::Server(e)) if tokio::time::Instant::now() < deadline => {
+                    tracing::debug!(backend = %backend.name, error = %e, "checkout: server down, waiting");
+                    self.shared.metrics.error(ErrorKind::NoServer);
+                    let _ = tokio::time::timeout(
+                        std::time::Duration::from_millis(200),
+                        self.shared.topology.changed(),
+                    )
+                    .await;
+                }
+                Err(e) => {
+                    let kind = match e {
+                        PoolError::Timeout(_) => ErrorKind::CheckoutTimeout,
+                        _ => ErrorKind::NoServer,
+                    };
+                    self.shared.metrics.error(kind);
+                    return Err(e.into());
+                }
+            }
+        }
+    }
+
+    /// Sends ParameterStatus for values that differ from what the client
+    /// was told, so it always sees the serving node's truth.
+    fn tell_params(&mut self, params: &Params) {
+        if Arc::ptr_eq(&self.told, params) {
+            return;
+        }
+        if self.told.list.is_empty() {
+            self.out_client.extend_from_slice(&params.wire);
+            self.told = params.clone();
+            return;
+        }
+        for (k, v) in params.list.iter() {
+            let known = self
+                .told
+                .list
+                .iter()
+                .find(|(tk, _)| tk == k)
+                .map(|(_, tv)| tv);
+            if known != Some(v) {
+                msg::put_parameter_status(&mut self.out_client, k, v);
+            }
+        }
+        self.told = params.clone();
+    }
+
+    /// Gives the server back (clean) or closes it.
+    fn release(&mut self) {
+        if let Some(co) = self.server.take() {
+            self.cancel.slot.detach();
+            let clean = co.conn.tracker.is_free() && !co.conn.discard;
+            co.pool.clone().checkin(co, clean);
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), SessionError> {
+        if !self.out_server.is_empty() {
+            if let Some(co) = self.server.as_mut() {
+                co.conn
+                    .stream
+                    .write_all(&self.out_server)
+                    .await
+                    .map_err(SessionError::ServerIo)?;
+            }
+            self.out_server.clear();
+            if self.out_server.capacity() > KEEP_BUFFER {
+                self.out_server = BytesMut::new();
+            }
+        }
+        if !self.out_client.is_empty() {
+            self.shared
+                .metrics
+                .bytes_out
+                .increment(self.out_client.len() as u64);
+            self.client
+                .write_all(&self.out_client)
+                .await
+                .map_err(SessionError::ClientIo)?;
+            self.out_client.clear();
+            if self.out_client.capacity() > KEEP_BUFFER {
+                self.out_client = BytesMut::new();
+            }
+        }
+        Ok(())
+    }
+
+    /// Answers a request that cannot run with `err`, keeping the protocol
+    /// in step: a ReadyForQuery now, or after the client's next Sync.
+    fn refuse(&mut self, tag: u8, err: &ClientError) {
+        if !self.skipping {
+            msg::put_error(&mut self.out_client, "ERROR", err.code, &err.message);
+        }
+        match tag {
+            b'Q' | b'F' | b'S' => {
+                self.skipping = false;
+                msg::put_ready(&mut self.out_client, b'I');
+            }
+            b'P' | b'B' | b'D' | b'E' | b'C' => self.skipping = true,
+            _ => {}
+        }
+    }
+
+    /// Handles every whole message the client has sent.
+    async fn on_client_data(&mut self) -> Result<Flow, SessionError> {
+        let max = self.shared.cfg.max_message_size;
+        while let Some((tag, len)) = peek_frame(&self.cbuf, max)? {
+            tracing::trace!(route = self.route.label(), tag = %(tag as char), len, attached = self.server.is_some(), skipping = self.skipping, "client frame");
+            if tag == b'X' {
+                return Ok(Flow::Quit);
+            }
+            if self.skipping {
+                if tag == b'S' {
+                    self.skipping = false;
+                    msg::put_ready(&mut self.out_client, b'I');
+                }
+                self.cbuf.advance(len);
+                continue;
+            }
+            if self.server.is_none() {
+                let attached = match self.owed.take() {
+                    Some(e) => Err(e),
+                    None => self.attach().await,
+                };
+                if let Err(e) = attached {
+                    self.refuse(tag, &e);
+                    self.cbuf.advance(len);
+                    continue;
+                }
+            }
+            let Some(co) = self.server.as_mut() else {
+                continue;
+            };
+            let mut out = Out {
+                server: &mut self.out_server,
+                client: &mut self.out_client,
+            };
+            let frame = &self.cbuf[..len];
+            if self.shared.cfg.pool_mode == PoolMode::Transaction {
+                let reg = &self.shared.statements;
+                forward::transaction_mode(&mut co.conn, &mut self.stmts, reg, frame, &mut out);
+            } else {
+                forward::pass(&mut co.conn, tag, frame, &mut out);
+            }
+            self.cbuf.advance(len);
+        }
+        self.flush().await?;
+        Ok(Flow::Continue)
+    }
+
+    /// Handles every whole message the server has sent; releases the server
+    /// in transaction mode once it is free.
+    async fn on_server_data(&mut self) -> Result<(), SessionError> {
+        if let Some(co) = self.server.as_mut() {
+            let m = self.shared.metrics.route(self.route);
+            let tx = self.shared.cfg.pool_mode == PoolMode::Transaction;
+            let conn = &mut co.conn;
+            // Forwarded frames are copied in runs, not one by one.
+            let (mut pos, mut run) = (0, 0);
+            while let Some((_, len)) = peek_frame(&conn.rbuf[pos..], MAX_SERVER_MESSAGE)? {
+                let frame = &conn.rbuf[pos..pos + len];
+                let step = forward::server_frame(&mut conn.tracker, &mut conn.prepared, frame);
+                tracing::trace!(route = self.route.label(), tag = %(frame[0] as char), forward = step.forward, fakes = ?step.fakes, "server frame");
+                if step.stale_plan {
+                    // Same statement text maps to the same server name: a
+                    // re-prepare would hit the stale one. Start afresh.
+                    conn.prepared.clear();
+                    conn.discard = true;
+                }
+                // In transaction mode a server's FATAL ends that server, not
+                // the client's session: it is passed on as an ERROR.
+                let downgrade = step.fatal && tx;
+                if !step.forward || !step.fakes.is_empty() || downgrade {
+                    self.out_client.extend_from_slice(&conn.rbuf[run..pos]);
+                    if downgrade {
+                        msg::put_downgraded_error(&mut self.out_client, &frame[5..]);
+                    } else if step.forward {
+                        self.out_client.extend_from_slice(frame);
+                    }
+                    forward::put_fake_replies(&mut self.out_client, step.fakes);
+                    run = pos + len;
+                }
+                if let Some(status) = step.ready {
+                    m.queries.increment(1);
+                    if status == b'I' {
+                        m.transactions.increment(1);
+                    }
+                }
+                pos += len;
+            }
+            self.out_client.extend_from_slice(&conn.rbuf[run..pos]);
+            conn.rbuf.advance(pos);
+        }
+        self.flush().await?;
+        let free = self
+            .server
+            .as_ref()
+            .is_some_and(|c| c.conn.tracker.is_free());
+        if free && self.tx_mode() {
+            self.release();
+        }
+        Ok(())
+    }
+
+    /// The server connection broke or left its role: drop it, and tell the
+    /// client if it was waiting or inside a transaction there.
+    fn lose_server(&mut self, err: ClientError) -> Flow {
+        let Some(co) = self.server.take() else {
+            return Flow::Continue;
+        };
+        self.cancel.slot.detach();
+        let kind = if err.code == "57P01" {
+            ErrorKind::LeaderChange
+        } else {
+            ErrorKind::ServerLost
+        };
+        self.shared.metrics.error(kind);
+        let waiting = !co.conn.tracker.is_quiet();
+        let in_tx = co.conn.tracker.status() != b'I';
+        let (readies, unsynced) = co.conn.tracker.owed_ready();
+        tracing::debug!(backend = %co.pool.backend.name, waiting, in_tx, error = %err.message, "lost the server connection");
+        co.pool.clone().discard(co);
+        if !self.tx_mode() {
+            msg::put_error(&mut self.out_client, "FATAL", "57P01", &err.message);
+            return Flow::Quit;
+        }
+        if waiting {
+            // Every request group the client pipelined gets its error and
+            // its ReadyForQuery; a group still missing its Sync is skipped
+            // up to that Sync, as a server would after an error.
+            for _ in 0..readies {
+                msg::put_error(&mut self.out_client, "ERROR", err.code, &err.message);
+                msg::put_ready(&mut self.out_client, b'I');
+            }
+            if unsynced {
+                msg::put_error(&mut self.out_client, "ERROR", err.code, &err.message);
+                self.skipping = true;
+            }
+        } else if in_tx {
+            self.owed = Some(err);
+        }
+        Flow::Continue
+    }
+
+    /// After a routing change: a server that no longer serves this route is
+    /// closed (no write ever reaches a demoted node).
+    fn on_topology(&mut self) -> Flow {
+        let table = self.shared.topology.load();
+        let fallback = self.shared.cfg.ro_fallback_to_leader;
+        let stale = self
+            .server
+            .as_ref()
+            .is_some_and(|co| !table.still_serves(self.route, &co.pool.backend, fallback));
+        if stale {
+            tracing::info!(
+                route = self.route.label(),
+                "closing server connection after a leader change"
+            );
+            return self.lose_server(ClientError {
+                code: "57P01",
+                message: "terminating connection due to administrator command: the leader changed, the transaction was aborted".into(),
+            });
+        }
+        Flow::Continue
+    }
+
+    /// The client left: keep its server only if it is clean.
+    async fn finish(mut self) {
+        let Some(mut co) = self.server.take() else {
+            return;
+        };
+        self.cancel.slot.detach();
+        let free = co.conn.tracker.is_free() && !co.conn.discard;
+        if free && !self.tx_mode() {
+            let ok = Box::pin(co.conn.reset()).await.is_ok();
+            co.pool.clone().checkin(co, ok);
+        } else {
+            co.pool.clone().checkin(co, free);
+        }
+    }
+}

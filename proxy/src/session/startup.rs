@@ -1,0 +1,287 @@
+//! A new client connection up to its first ReadyForQuery: SSL/GSS
+//! negotiation (refused until TLS is configured), cancel requests, the
+//! client limit, authentication, and the parameters of the node that will
+//! serve it. Bounded by `startup_timeout` so slow clients cannot hold a slot.
+//!
+//! Client-supplied startup options (application_name, options, ...) are not
+//! replayed on pooled servers. May call: `auth`, `cancel`, the session.
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::{ClientError, ClientIo, Session};
+use crate::auth::{self, AuthError};
+use crate::config::AuthMethod;
+use crate::protocol::messages as msg;
+use crate::protocol::{split_startup, ProtocolError, StartupPacket, StartupParams};
+use crate::router::Route;
+use crate::server::Login;
+use crate::Shared;
+
+/// What the first bytes of a TCP connection asked for.
+enum Negotiated {
+    Plain(tokio::net::TcpStream, BytesMut),
+    Tls(Box<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>),
+    Done,
+}
+
+/// Reads the first 8 bytes: an SSLRequest gets `S` and a TLS handshake
+/// (with a certificate) or `N`; anything else is the start of a startup
+/// packet, kept for the handshake.
+async fn negotiate(shared: &Shared, mut stream: tokio::net::TcpStream) -> Negotiated {
+    let timeout = shared.cfg.startup_timeout;
+    let mut buf = BytesMut::with_capacity(256);
+    let first8 = async {
+        while buf.len() < 8 {
+            if stream.read_buf(&mut buf).await? == 0 {
+                break;
+            }
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    if !matches!(tokio::time::timeout(timeout, first8).await, Ok(Ok(()))) {
+        return Negotiated::Done;
+    }
+    let ssl_request = buf.len() == 8
+        && buf[..4] == 8i32.to_be_bytes()
+        && buf[4..8] == crate::protocol::SSL_REQUEST_CODE.to_be_bytes();
+    if !ssl_request {
+        return Negotiated::Plain(stream, buf);
+    }
+    buf.clear();
+    let Some(acceptor) = shared.tls.clone() else {
+        return match stream.write_all(b"N").await {
+            Ok(()) => Negotiated::Plain(stream, buf),
+            Err(_) => Negotiated::Done,
+        };
+    };
+    if stream.write_all(b"S").await.is_err() {
+        return Negotiated::Done;
+    }
+    match tokio::time::timeout(timeout, acceptor.0.accept(stream)).await {
+        Ok(Ok(tls)) => Negotiated::Tls(Box::new(tls)),
+        Ok(Err(e)) => {
+            tracing::info!(error = %e, "TLS handshake failed");
+            Negotiated::Done
+        }
+        Err(_) => {
+            tracing::info!("TLS handshake timed out");
+            Negotiated::Done
+        }
+    }
+}
+
+/// Serves one TCP client: negotiates TLS if it asks and the proxy has a
+/// certificate, then serves it to the end. The negotiation and the TLS
+/// session are boxed: plain idle clients must not pay for their size.
+pub async fn serve_tcp(shared: Arc<Shared>, stream: tokio::net::TcpStream, route: Route) {
+    match Box::pin(negotiate(&shared, stream)).await {
+        Negotiated::Plain(stream, buf) => serve(shared, stream, route, buf).await,
+        Negotiated::Tls(tls) => Box::pin(serve(shared, *tls, route, BytesMut::new())).await,
+        Negotiated::Done => {}
+    }
+}
+
+/// Serves one client connection to the end; `buf` holds bytes already read.
+pub async fn serve<C>(shared: Arc<Shared>, client: C, route: Route, buf: BytesMut)
+where
+    C: ClientIo,
+{
+    let guard = shared.client_enter();
+    let timeout = shared.cfg.startup_timeout;
+    let over = guard.over_limit;
+    // Boxed: the handshake's state is large and short-lived; it must not
+    // inflate every idle client's task.
+    let hs = Box::pin(handshake(shared, client, route, over, buf));
+    match tokio::time::timeout(timeout, hs).await {
+        Ok(Some(session)) => session.run().await,
+        Ok(None) => {}
+        Err(_) => tracing::info!("client did not finish startup within {timeout:?}"),
+    }
+    drop(guard);
+}
+
+async fn fatal<C: AsyncWrite + Unpin>(client: &mut C, code: &str, message: &str) {
+    let mut out = BytesMut::new();
+    msg::put_error(&mut out, "FATAL", code, message);
+    let _ = client.write_all(&out).await;
+    let _ = client.shutdown().await;
+}
+
+enum Startup {
+    Params(StartupParams),
+    Done,
+}
+
+async fn read_startup<C>(
+    shared: &Shared,
+    client: &mut C,
+    buf: &mut BytesMut,
+) -> Result<Startup, ProtocolError>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    loop {
+        match split_startup(buf)? {
+            Some(StartupPacket::SslRequest) | Some(StartupPacket::GssEncRequest) => {
+                if client.write_all(b"N").await.is_err() {
+                    return Ok(Startup::Done);
+                }
+            }
+            Some(StartupPacket::Cancel { pid, secret }) => {
+                shared.cancels.cancel((pid, secret)).await;
+                return Ok(Startup::Done);
+            }
+            Some(StartupPacket::Startup(p)) => return Ok(Startup::Params(p)),
+            None => match client.read_buf(buf).await {
+                Ok(0) | Err(_) => return Ok(Startup::Done),
+                Ok(_) => {}
+            },
+        }
+    }
+}
+
+impl<C: ClientIo> Session<C> {
+    /// Tells the client the parameters of the node that will serve it: the
+    /// pool's cached values in transaction mode (no server needed, so
+    /// clients can connect while every server is busy), else a server's.
+    async fn startup_params(&mut self) -> Result<(), ClientError> {
+        if self.tx_mode() {
+            let table = self.shared.topology.load();
+            let fallback = self.shared.cfg.ro_fallback_to_leader;
+            let turn = self.shared.next_turn();
+            if let Some(b) = table
+                .choose(self.route, turn, fallback)
+                .filter(|_| !table.paused)
+            {
+                let pool = self.shared.pools.get(&b, &self.login, self.route);
+                self.pool_cache = Some((b.clone(), pool.clone()));
+                if let Some(params) = pool.cached_params() {
+                    self.tell_params(&params);
+                    return Ok(());
+                }
+            }
+        }
+        self.attach().await?;
+        if self.tx_mode() {
+            self.release();
+        }
+        Ok(())
+    }
+}
+
+/// Server credentials for a client that logged in.
+type Credentials = (Option<String>, Option<([u8; 32], [u8; 32])>);
+
+/// Authenticates the client (users file, else auth_query); on success the
+/// credentials the proxy logs in to servers with, on failure the client
+/// got its error.
+async fn client_login<C: ClientIo>(
+    shared: &Shared,
+    client: &mut C,
+    buf: &mut BytesMut,
+    user: &str,
+) -> Option<Credentials> {
+    let method = shared.cfg.auth_method;
+    let users = shared.users.load_full();
+    let mut secret = users.as_deref().and_then(|u| u.get(user)).cloned();
+    if secret.is_none() && shared.cfg.auth_query.is_some() && method != AuthMethod::Trust {
+        secret = match auth::query::lookup(shared, user).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(user, error = %e, "auth_query failed");
+                None
+            }
+        };
+    }
+    let known_only = users.is_some();
+    let outcome = auth::authenticate(client, buf, method, secret.as_ref(), known_only, user).await;
+    let client_key = match outcome {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::warn!(user, error = %e, "client authentication failed");
+            shared.metrics.error(crate::metrics::ErrorKind::Auth);
+            if !matches!(e, AuthError::Closed | AuthError::Io(_)) {
+                let text = format!("password authentication failed for user \"{user}\"");
+                fatal(client, "28P01", &text).await;
+            }
+            return None;
+        }
+    };
+    let password = secret.as_ref().and_then(|s| s.password.clone());
+    let keys = secret.as_ref().and_then(|s| s.scram.as_ref());
+    let scram_keys = match (&password, client_key, keys) {
+        (None, Some(ck), Some(keys)) => Some((ck, keys.server_key)),
+        _ => None,
+    };
+    Some((password, scram_keys))
+}
+
+async fn handshake<C>(
+    shared: Arc<Shared>,
+    mut client: C,
+    route: Route,
+    over_limit: bool,
+    mut buf: BytesMut,
+) -> Option<Session<C>>
+where
+    C: ClientIo,
+{
+    let params = match read_startup(&shared, &mut client, &mut buf).await {
+        Ok(Startup::Params(p)) => p,
+        Ok(Startup::Done) => return None,
+        Err(e) => {
+            shared.metrics.error(crate::metrics::ErrorKind::Protocol);
+            fatal(&mut client, "08P01", &e.to_string()).await;
+            return None;
+        }
+    };
+    if over_limit {
+        shared
+            .metrics
+            .error(crate::metrics::ErrorKind::TooManyClients);
+        fatal(&mut client, "53300", "sorry, too many clients already").await;
+        return None;
+    }
+    let user = params.user()?.to_owned();
+    let database = params.database().unwrap_or(&user).to_owned();
+    let (password, scram_keys) = client_login(&shared, &mut client, &mut buf, &user).await?;
+    let cancel = shared.cancels.register();
+    let key = cancel.key;
+    let mut s = Session {
+        shared: shared.clone(),
+        client,
+        route,
+        login: Login {
+            user,
+            database,
+            password,
+            scram_keys,
+        },
+        cancel,
+        // Buffers grow on first use; an idle client holds none.
+        cbuf: if buf.is_empty() { BytesMut::new() } else { buf },
+        out_server: BytesMut::new(),
+        out_client: BytesMut::new(),
+        server: None,
+        stmts: Default::default(),
+        told: Arc::default(),
+        skipping: false,
+        owed: None,
+        pool_cache: None,
+    };
+    if let Err(ClientError { code, message }) = s.startup_params().await {
+        fatal(&mut s.client, code, &message).await;
+        return None;
+    }
+    let mut hello = BytesMut::with_capacity(512);
+    msg::put_auth_ok(&mut hello);
+    hello.extend_from_slice(&s.out_client);
+    s.out_client.clear();
+    msg::put_backend_key(&mut hello, key.0, key.1);
+    msg::put_ready(&mut hello, b'I');
+    s.client.write_all(&hello).await.ok()?;
+    Some(s)
+}

@@ -1,0 +1,123 @@
+//! The current routing table, shared by every session without locks.
+//!
+//! Writers (the static config at start, the etcd watcher, the admin pause)
+//! build a whole new [`RoutingTable`] and swap it in; readers load it with
+//! one atomic operation on the hot path. A `watch` channel wakes sessions
+//! that wait for a leader or for the end of a pause. May call: `router`,
+//! `arc_swap`, tokio sync.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+
+use crate::router::RoutingTable;
+
+/// The shared, atomically swapped routing table.
+#[derive(Debug)]
+pub struct Topology {
+    table: ArcSwap<RoutingTable>,
+    changed: watch::Sender<u64>,
+}
+
+impl Topology {
+    pub fn new(table: RoutingTable) -> Topology {
+        let (changed, _) = watch::channel(table.epoch);
+        Topology {
+            table: ArcSwap::from_pointee(table),
+            changed,
+        }
+    }
+
+    /// The table now.
+    pub fn load(&self) -> Arc<RoutingTable> {
+        self.table.load_full()
+    }
+
+    /// Replaces the table (its epoch should be newer) and wakes waiters.
+    pub fn store(&self, table: RoutingTable) {
+        let epoch = table.epoch;
+        self.table.store(Arc::new(table));
+        self.changed.send_replace(epoch);
+    }
+
+    /// Applies `f` to a copy of the current table and stores it with the next epoch.
+    pub fn update(&self, f: impl FnOnce(&mut RoutingTable)) {
+        let mut t = (*self.load()).clone();
+        f(&mut t);
+        t.epoch += 1;
+        self.store(t);
+    }
+
+    /// A receiver that sees every table change.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Resolves at the next table change.
+    pub async fn changed(&self) {
+        let mut rx = self.changed.subscribe();
+        let _ = rx.changed().await;
+    }
+
+    /// Waits until `ok` holds for the table, or `timeout` passes; the last
+    /// table seen either way.
+    pub async fn wait_for(
+        &self,
+        timeout: Duration,
+        ok: impl Fn(&RoutingTable) -> bool,
+    ) -> Result<Arc<RoutingTable>, Arc<RoutingTable>> {
+        // Fast path: no subscription when the table already suits.
+        let t = self.load();
+        if ok(&t) {
+            return Ok(t);
+        }
+        let mut rx = self.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let t = self.load();
+            if ok(&t) {
+                return Ok(t);
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => return Err(self.load()),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::router::Backend;
+
+    #[tokio::test]
+    async fn a_waiter_wakes_when_a_leader_appears() {
+        let topo = Arc::new(Topology::new(RoutingTable::default()));
+        let t2 = topo.clone();
+        let waiter = tokio::spawn(async move {
+            t2.wait_for(Duration::from_secs(10), |t| t.leader.is_some())
+                .await
+                .is_ok()
+        });
+        topo.update(|t| {
+            t.leader = Some(Arc::new(Backend {
+                name: "a".into(),
+                host: "h".into(),
+                port: 1,
+            }))
+        });
+        assert!(waiter.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_waiter_gives_up_after_its_bound() {
+        let topo = Topology::new(RoutingTable::default());
+        let r = topo
+            .wait_for(Duration::from_millis(50), |t| t.leader.is_some())
+            .await;
+        assert!(r.is_err());
+    }
+}

@@ -1,0 +1,321 @@
+//! Request/response accounting for one server connection: decides when the
+//! connection is free, and where replies the proxy invented belong.
+//!
+//! Every request message that the server will answer is queued; each reply
+//! that ends a request pops it. A server connection is free only when the
+//! queue is empty, no extended-protocol message waits for a Sync, and the
+//! last ReadyForQuery said idle (`I`). After an error in the extended
+//! protocol the server skips everything up to the next Sync, so those
+//! requests are dropped from the queue too. Pure code, no I/O.
+
+use std::collections::VecDeque;
+
+/// A request sent to the server (or answered by the proxy) whose reply is
+/// still due.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pending {
+    /// Parse; `hidden` when the proxy sent it on its own, `stmt` is the
+    /// server-side name it creates.
+    Parse {
+        hidden: bool,
+        stmt: Option<String>,
+    },
+    Bind,
+    /// Describe of a statement (`t` then `T`/`n`) or a portal (`T`/`n`).
+    Describe,
+    Execute,
+    /// Close; `hidden` when the proxy sent it to evict a statement.
+    Close {
+        hidden: bool,
+    },
+    Sync,
+    /// Simple Query or FunctionCall: everything up to ReadyForQuery.
+    Query,
+    /// A reply the proxy gives itself (`1` or `3`) when it reaches the front.
+    Fake(u8),
+}
+
+/// What to do with one server message.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Verdict {
+    /// Send it on to the client (false for replies to the proxy's own requests).
+    pub forward: bool,
+    /// Server-side statements that turned out not to exist (their Parse
+    /// failed or was skipped after an error).
+    pub unprepared: Vec<String>,
+}
+
+/// The accounting for one server connection.
+#[derive(Debug)]
+pub struct Tracker {
+    queue: VecDeque<Pending>,
+    unsynced: bool,
+    status: u8,
+}
+
+impl Default for Tracker {
+    fn default() -> Self {
+        Tracker {
+            queue: VecDeque::new(),
+            unsynced: false,
+            status: b'I',
+        }
+    }
+}
+
+impl Tracker {
+    /// Last ReadyForQuery status: `I`, `T` or `E`.
+    pub fn status(&self) -> u8 {
+        self.status
+    }
+
+    /// Nothing outstanding and the server is idle: it may go back to the pool.
+    pub fn is_free(&self) -> bool {
+        self.queue.is_empty() && !self.unsynced && self.status == b'I'
+    }
+
+    /// Nothing outstanding (a transaction may still be open).
+    pub fn is_quiet(&self) -> bool {
+        self.queue.is_empty() && !self.unsynced
+    }
+
+    /// What the client still waits for if the server vanished now: how many
+    /// ReadyForQuery (one per outstanding Sync or simple query), and whether
+    /// requests after the last Sync wait for a Sync still to come.
+    pub fn owed_ready(&self) -> (usize, bool) {
+        let readies = self
+            .queue
+            .iter()
+            .filter(|p| matches!(p, Pending::Sync | Pending::Query))
+            .count();
+        (readies, self.unsynced)
+    }
+
+    /// A client message of type `tag` was forwarded (not Parse/Close, which
+    /// the caller records with [`Tracker::push`]).
+    pub fn client_message(&mut self, tag: u8) {
+        let p = match tag {
+            b'Q' | b'F' => Pending::Query,
+            b'P' => Pending::Parse {
+                hidden: false,
+                stmt: None,
+            },
+            b'B' => Pending::Bind,
+            b'D' => Pending::Describe,
+            b'E' => Pending::Execute,
+            b'C' => Pending::Close { hidden: false },
+            b'S' => Pending::Sync,
+            _ => return,
+        };
+        self.push(p);
+    }
+
+    /// Records a request; returns the fake replies that are due now (when
+    /// the queue ahead of them is empty).
+    pub fn push(&mut self, p: Pending) -> Vec<u8> {
+        match &p {
+            Pending::Sync => self.unsynced = false,
+            Pending::Query => {}
+            _ => self.unsynced = true,
+        }
+        self.queue.push_back(p);
+        self.drain_fakes()
+    }
+
+    fn drain_fakes(&mut self) -> Vec<u8> {
+        let mut out = Vec::new();
+        while let Some(Pending::Fake(tag)) = self.queue.front() {
+            out.push(*tag);
+            self.queue.pop_front();
+        }
+        out
+    }
+
+    fn pop(&mut self, v: &mut Verdict) {
+        if let Some(Pending::Parse { hidden: true, .. } | Pending::Close { hidden: true }) =
+            self.queue.pop_front()
+        {
+            v.forward = false;
+        }
+    }
+
+    /// Accounts for one server message; fake replies due after it are
+    /// appended to `fakes`.
+    pub fn server_message(&mut self, tag: u8, body: &[u8], fakes: &mut Vec<u8>) -> Verdict {
+        let mut v = Verdict {
+            forward: true,
+            unprepared: Vec::new(),
+        };
+        let front_is_query = matches!(self.queue.front(), Some(Pending::Query));
+        match tag {
+            b'1' | b'2' | b'3' | b'n' => self.pop(&mut v),
+            b'T' if matches!(self.queue.front(), Some(Pending::Describe)) => self.pop(&mut v),
+            b'C' | b'I' | b's' if !front_is_query => self.pop(&mut v),
+            b'E' if !front_is_query => self.error_skip(&mut v),
+            b'Z' => {
+                if let Some(s) = crate::protocol::messages::ready_status(body) {
+                    self.status = s;
+                }
+                while let Some(p) = self.queue.pop_front() {
+                    if matches!(p, Pending::Sync | Pending::Query) {
+                        break;
+                    }
+                }
+            }
+            _ => return v,
+        }
+        fakes.extend(self.drain_fakes());
+        v
+    }
+
+    /// The server skips to the next Sync: drop those requests; any Parse
+    /// among them (including the failed one) created no statement.
+    fn error_skip(&mut self, v: &mut Verdict) {
+        while let Some(p) = self.queue.front() {
+            if matches!(p, Pending::Sync) {
+                break;
+            }
+            if let Some(Pending::Parse {
+                stmt: Some(name), ..
+            }) = self.queue.pop_front()
+            {
+                v.unprepared.push(name);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(t: &mut Tracker, msgs: &[(u8, &[u8])]) -> (Vec<bool>, Vec<u8>) {
+        let mut fakes = Vec::new();
+        let fwd = msgs
+            .iter()
+            .map(|(tag, body)| t.server_message(*tag, body, &mut fakes).forward)
+            .collect();
+        (fwd, fakes)
+    }
+
+    #[test]
+    fn simple_query_frees_the_server_only_on_idle_ready() {
+        let mut t = Tracker::default();
+        t.client_message(b'Q');
+        assert!(!t.is_free());
+        reply(&mut t, &[(b'T', b""), (b'D', b""), (b'C', b"")]);
+        assert!(!t.is_free(), "results are not the end");
+        reply(&mut t, &[(b'Z', b"T")]);
+        assert!(!t.is_free(), "open transaction keeps the server");
+        assert!(t.is_quiet());
+        t.client_message(b'Q');
+        reply(&mut t, &[(b'E', b""), (b'Z', b"E")]);
+        assert_eq!(t.status(), b'E');
+        assert!(!t.is_free(), "failed transaction keeps the server");
+        t.client_message(b'Q');
+        reply(&mut t, &[(b'C', b""), (b'Z', b"I")]);
+        assert!(t.is_free());
+    }
+
+    #[test]
+    fn pipeline_with_several_syncs_is_free_only_after_the_last_ready() {
+        let mut t = Tracker::default();
+        for tag in [b'P', b'B', b'E', b'S', b'B', b'E', b'S'] {
+            t.client_message(tag);
+        }
+        reply(
+            &mut t,
+            &[(b'1', b""), (b'2', b""), (b'C', b""), (b'Z', b"I")],
+        );
+        assert!(!t.is_free(), "second Sync still outstanding");
+        reply(&mut t, &[(b'2', b""), (b'C', b""), (b'Z', b"I")]);
+        assert!(t.is_free());
+    }
+
+    #[test]
+    fn flush_without_sync_keeps_the_client_attached() {
+        let mut t = Tracker::default();
+        for tag in [b'P', b'D', b'H'] {
+            t.client_message(tag);
+        }
+        reply(&mut t, &[(b'1', b""), (b't', b""), (b'T', b"")]);
+        assert!(t.is_quiet() || !t.is_free());
+        assert!(!t.is_free(), "no Sync yet: implicit transaction open");
+        t.client_message(b'S');
+        reply(&mut t, &[(b'Z', b"I")]);
+        assert!(t.is_free());
+    }
+
+    #[test]
+    fn error_mid_pipeline_skips_to_the_next_sync_and_forgets_failed_parses() {
+        let mut t = Tracker::default();
+        t.push(Pending::Parse {
+            hidden: false,
+            stmt: Some("a".into()),
+        });
+        t.push(Pending::Parse {
+            hidden: true,
+            stmt: Some("b".into()),
+        });
+        t.client_message(b'B');
+        t.client_message(b'E');
+        t.client_message(b'S');
+        t.client_message(b'B');
+        t.client_message(b'S');
+        let mut fakes = Vec::new();
+        let v = t.server_message(b'E', b"", &mut fakes);
+        assert!(v.forward);
+        assert_eq!(v.unprepared, vec!["a".to_string(), "b".to_string()]);
+        reply(&mut t, &[(b'Z', b"I")]);
+        assert!(!t.is_free());
+        reply(&mut t, &[(b'2', b""), (b'Z', b"I")]);
+        assert!(t.is_free());
+    }
+
+    #[test]
+    fn hidden_parse_reply_is_not_forwarded_and_fakes_come_in_order() {
+        let mut t = Tracker::default();
+        assert_eq!(
+            t.push(Pending::Fake(b'1')),
+            vec![b'1'],
+            "nothing ahead: at once"
+        );
+        t.push(Pending::Parse {
+            hidden: true,
+            stmt: Some("s".into()),
+        });
+        t.client_message(b'B');
+        assert!(t.push(Pending::Fake(b'3')).is_empty(), "must wait its turn");
+        t.client_message(b'S');
+        let (fwd, fakes) = reply(&mut t, &[(b'1', b"")]);
+        assert_eq!((fwd, fakes), (vec![false], vec![]));
+        let (fwd, fakes) = reply(&mut t, &[(b'2', b"")]);
+        assert_eq!((fwd, fakes), (vec![true], vec![b'3']));
+        reply(&mut t, &[(b'Z', b"I")]);
+        assert!(t.is_free());
+    }
+
+    #[test]
+    fn copy_keeps_the_server_until_ready() {
+        let mut t = Tracker::default();
+        t.client_message(b'Q');
+        reply(&mut t, &[(b'G', b"")]);
+        for tag in [b'd', b'd', b'c'] {
+            t.client_message(tag);
+        }
+        assert!(!t.is_free());
+        reply(&mut t, &[(b'C', b"")]);
+        assert!(!t.is_free());
+        reply(&mut t, &[(b'Z', b"I")]);
+        assert!(t.is_free());
+    }
+
+    #[test]
+    fn notices_and_notifications_change_nothing() {
+        let mut t = Tracker::default();
+        t.client_message(b'Q');
+        let (fwd, _) = reply(&mut t, &[(b'N', b""), (b'A', b""), (b'S', b"")]);
+        assert_eq!(fwd, vec![true; 3]);
+        assert!(!t.is_free());
+    }
+}

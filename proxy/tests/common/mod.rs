@@ -1,0 +1,235 @@
+//! Shared test setup: a real PostgreSQL 15 through the harness, the proxy
+//! in-process on port 0, and a raw protocol client for exact message tests.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use pgha_local::{PgInstance, PgOptions, Sandbox};
+use pgha_proxy::config::{BackendRole, Config, PoolMode, StaticBackend};
+use pgha_proxy::protocol::{messages as msg, split_frame};
+use pgha_proxy::{Proxy, ProxyHandle};
+
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+pub fn primary(label: &str) -> (Sandbox, PgInstance) {
+    let sb = Sandbox::new(label).unwrap();
+    let pg = PgInstance::primary(&sb, "pg1", &PgOptions::default()).unwrap();
+    (sb, pg)
+}
+
+/// A config pointing at `pg` as the primary, trust auth, ports 0.
+pub fn config(pg: &PgInstance, mode: PoolMode) -> Config {
+    Config {
+        listen_rw: "127.0.0.1:0".parse().unwrap(),
+        listen_ro: "127.0.0.1:0".parse().unwrap(),
+        listen_admin: "127.0.0.1:0".parse().unwrap(),
+        pool_mode: mode,
+        pool_size: 4,
+        auth_method: pgha_proxy::config::AuthMethod::Trust,
+        checkout_timeout: Duration::from_secs(5),
+        leader_wait_timeout: Duration::from_secs(2),
+        backends: vec![StaticBackend {
+            name: "pg1".into(),
+            host: "127.0.0.1".into(),
+            port: pg.port(),
+            role: BackendRole::Primary,
+            noloadbalance: false,
+        }],
+        ..Config::default()
+    }
+}
+
+pub struct Running {
+    pub rt: tokio::runtime::Runtime,
+    pub proxy: Option<ProxyHandle>,
+}
+
+impl Running {
+    pub fn start(cfg: Config) -> Running {
+        let rt = runtime();
+        let proxy = rt.block_on(Proxy::start(Arc::new(cfg))).unwrap();
+        Running {
+            rt,
+            proxy: Some(proxy),
+        }
+    }
+
+    pub fn handle(&self) -> &ProxyHandle {
+        self.proxy.as_ref().unwrap()
+    }
+
+    pub fn rw(&self) -> u16 {
+        self.handle().rw_addr.port()
+    }
+
+    pub fn ro(&self) -> u16 {
+        self.handle().ro_addr.port()
+    }
+
+    pub fn conn_str(&self, port: u16) -> String {
+        format!("host=127.0.0.1 port={port} user=postgres dbname=postgres")
+    }
+
+    /// A tokio-postgres client through the proxy on `port`.
+    pub async fn client(port: u16) -> tokio_postgres::Client {
+        let (c, conn) = tokio_postgres::connect(
+            &format!("host=127.0.0.1 port={port} user=postgres dbname=postgres"),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        c
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(p) = self.proxy.take() {
+            let _ = self
+                .rt
+                .block_on(async { tokio::time::timeout(Duration::from_secs(5), p.stop()).await });
+        }
+    }
+}
+
+/// psql -XAtq through the proxy; Ok(stdout) or Err(stderr).
+pub fn psql(port: u16, sql: &str, env: &[(&str, &str)]) -> Result<String, String> {
+    let out = Command::new("psql")
+        .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1"])
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
+        .args(["-d", "postgres", "-c", sql])
+        .env("PGCONNECT_TIMEOUT", "10")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// A blocking client that speaks raw protocol messages.
+pub struct Raw {
+    s: TcpStream,
+    buf: BytesMut,
+}
+
+impl Raw {
+    /// Connects and logs in (trust) as postgres, up to the first ReadyForQuery.
+    pub fn connect(port: u16) -> Raw {
+        Raw::connect_with_params(port).0
+    }
+
+    /// Connects and returns the ParameterStatus values the proxy sent.
+    pub fn connect_with_params(port: u16) -> (Raw, Vec<(String, String)>) {
+        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut r = Raw {
+            s,
+            buf: BytesMut::new(),
+        };
+        let mut out = BytesMut::new();
+        msg::put_startup(&mut out, &[("user", "postgres"), ("database", "postgres")]);
+        r.send(&out);
+        let mut params = Vec::new();
+        for (tag, body) in r.until_ready_full() {
+            assert_ne!(tag, b'E', "login failed: {:?}", msg::error_fields(&body));
+            if tag == b'S' {
+                let (k, v) = msg::parameter_status(&body).unwrap();
+                params.push((k.to_owned(), v.to_owned()));
+            }
+        }
+        (r, params)
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.s.write_all(bytes).unwrap();
+    }
+
+    /// Builds messages with the proxy's own encoders and sends them at once.
+    pub fn send_with(&mut self, f: impl FnOnce(&mut BytesMut)) {
+        let mut out = BytesMut::new();
+        f(&mut out);
+        self.send(&out);
+    }
+
+    /// The next message: tag and body.
+    pub fn recv(&mut self) -> (u8, Vec<u8>) {
+        loop {
+            if let Some(f) = split_frame(&mut self.buf, 1 << 30).unwrap() {
+                return (f.tag(), f.body().to_vec());
+            }
+            let mut chunk = [0u8; 8192];
+            let n = self.s.read(&mut chunk).expect("read from proxy");
+            assert!(n > 0, "proxy closed the connection");
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Tags of every message up to and including the next ReadyForQuery;
+    /// returns them with the ReadyForQuery status.
+    pub fn until_ready(&mut self) -> (Vec<u8>, u8) {
+        let mut tags = Vec::new();
+        loop {
+            let (tag, body) = self.recv();
+            tags.push(tag);
+            if tag == b'Z' {
+                return (tags, body[0]);
+            }
+        }
+    }
+
+    /// Messages up to the next ReadyForQuery, with bodies.
+    pub fn until_ready_full(&mut self) -> Vec<(u8, Vec<u8>)> {
+        let mut all = Vec::new();
+        loop {
+            let m = self.recv();
+            let done = m.0 == b'Z';
+            all.push(m);
+            if done {
+                return all;
+            }
+        }
+    }
+
+    /// Runs a simple query; the first column of each row.
+    pub fn query(&mut self, sql: &str) -> Vec<String> {
+        self.send_with(|b| msg::put_query(b, sql));
+        let mut rows = Vec::new();
+        for (tag, body) in self.until_ready_full() {
+            if tag == b'E' {
+                panic!("query {sql:?} failed: {:?}", msg::error_fields(&body));
+            }
+            if tag == b'D' {
+                let len = i32::from_be_bytes(body[2..6].try_into().unwrap());
+                rows.push(if len < 0 {
+                    String::new()
+                } else {
+                    String::from_utf8_lossy(&body[6..6 + len as usize]).into_owned()
+                });
+            }
+        }
+        rows
+    }
+}
+
+/// The server's message text of a tokio-postgres error.
+pub fn db_message(e: &tokio_postgres::Error) -> String {
+    e.as_db_error()
+        .map(|d| format!("{}: {}", d.code().code(), d.message()))
+        .unwrap_or_else(|| e.to_string())
+}

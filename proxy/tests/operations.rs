@@ -1,0 +1,174 @@
+//! Operating the proxy: the real binary with a config file (admin HTTP,
+//! SIGHUP reload, SIGTERM), graceful drain, and malformed input.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{config, primary, psql, Raw, Running};
+use pgha_local::{reserve_port, wait_until, Proc, StopSignal};
+use pgha_proxy::config::PoolMode;
+use pgha_proxy::protocol::messages as msg;
+
+fn http(port: u16, method: &str, path: &str, auth: Option<&str>) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let auth = auth
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\nContent-Length: 0\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn the_binary_serves_admin_http_reloads_users_on_sighup_and_exits_on_sigterm() {
+    let (sb, pg) = primary("px-binary");
+    let dir = sb.subdir("proxy").unwrap();
+    let (rw, ro, admin) = (
+        reserve_port().unwrap(),
+        reserve_port().unwrap(),
+        reserve_port().unwrap(),
+    );
+    std::fs::write(dir.join("users.txt"), "\"postgres\" \"first\"\n").unwrap();
+    let conf = dir.join("proxy.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "listen_rw = \"127.0.0.1:{}\"\nlisten_ro = \"127.0.0.1:{}\"\nlisten_admin = \"127.0.0.1:{}\"\n\
+             admin_token = \"tok\"\nusers_file = \"users.txt\"\nauth_method = \"scram-sha-256\"\n\
+             [[backends]]\nname = \"pg1\"\nport = {}\nrole = \"primary\"\n",
+            rw.get(),
+            ro.get(),
+            admin.get(),
+            pg.port()
+        ),
+    )
+    .unwrap();
+    let (rw, admin) = (rw.get(), admin.get());
+    drop(ro);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgha-proxy"));
+    cmd.arg("--config").arg(&conf);
+    let mut proc = Proc::spawn(
+        "pgha-proxy",
+        cmd,
+        &dir.join("proxy.log"),
+        None,
+        StopSignal::Term,
+    )
+    .unwrap();
+    wait_until("proxy admin up", Duration::from_secs(20), || {
+        Ok(TcpStream::connect(("127.0.0.1", admin)).ok().map(|_| ()))
+    })
+    .unwrap();
+    assert!(http(admin, "GET", "/health", None).starts_with("HTTP/1.1 200"));
+    assert_eq!(
+        psql(rw, "select 1", &[("PGPASSWORD", "first")]).unwrap(),
+        "1"
+    );
+    let metrics = http(admin, "GET", "/metrics", None);
+    assert!(
+        metrics.contains("pgha_proxy_transactions_total{route=\"rw\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("pgha_proxy_server_connections"),
+        "{metrics}"
+    );
+    let status = http(admin, "GET", "/status", None);
+    assert!(status.contains("\"leader\""), "{status}");
+    assert!(http(admin, "POST", "/pause", None).starts_with("HTTP/1.1 401"));
+    assert!(http(admin, "POST", "/pause", Some("tok")).starts_with("HTTP/1.1 200"));
+    assert!(http(admin, "POST", "/resume", Some("tok")).starts_with("HTTP/1.1 200"));
+
+    std::fs::write(dir.join("users.txt"), "\"postgres\" \"second\"\n").unwrap();
+    proc.signal(nix::sys::signal::Signal::SIGHUP).unwrap();
+    wait_until("new password accepted", Duration::from_secs(10), || {
+        Ok(psql(rw, "select 1", &[("PGPASSWORD", "second")])
+            .ok()
+            .map(|_| ()))
+    })
+    .unwrap();
+    assert!(psql(rw, "select 1", &[("PGPASSWORD", "first")]).is_err());
+
+    proc.signal(nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = proc.wait_exit(Duration::from_secs(15)).unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn drain_lets_open_transactions_finish_and_closes_idle_clients() {
+    let (_sb, pg) = primary("px-drain");
+    let mut p = Running::start(config(&pg, PoolMode::Transaction));
+    let port = p.rw();
+    let mut idle = Raw::connect(port);
+    let mut busy = Raw::connect(port);
+    busy.query("begin");
+    let handle = p.proxy.take().unwrap();
+    let drained = p.rt.spawn(handle.drain(Duration::from_secs(30)));
+    // The idle client is told and closed at once.
+    let (tag, body) = idle.recv();
+    assert_eq!(tag, b'E');
+    assert_eq!(msg::error_fields(&body).unwrap().code, "57P01");
+    // No new clients.
+    wait_until("listener closed", Duration::from_secs(10), || {
+        Ok(TcpStream::connect(("127.0.0.1", port))
+            .is_err()
+            .then_some(()))
+    })
+    .unwrap();
+    // The open transaction still runs to its end, then the client is closed.
+    assert_eq!(busy.query("select 7"), vec!["7"]);
+    busy.query("commit");
+    let (tag, _) = busy.recv();
+    assert_eq!(tag, b'E');
+    // The drain ends when the last client left, long before its bound.
+    p.rt.block_on(async { tokio::time::timeout(Duration::from_secs(15), drained).await })
+        .expect("drain must not wait out its 30s bound")
+        .unwrap();
+}
+
+#[test]
+fn malformed_and_oversized_messages_get_a_protocol_error_not_a_crash() {
+    let (_sb, pg) = primary("px-badinput");
+    let mut cfg = config(&pg, PoolMode::Transaction);
+    cfg.max_message_size = 4096;
+    cfg.startup_timeout = Duration::from_millis(500);
+    let p = Running::start(cfg);
+    // Garbage instead of a startup packet.
+    let mut s = TcpStream::connect(("127.0.0.1", p.rw())).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(&[0, 0, 0, 9, 0xde, 0xad, 0xbe, 0xef, 0])
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    assert_eq!(out.first(), Some(&b'E'), "{out:?}");
+    // A message larger than max_message_size after login.
+    let mut raw = Raw::connect(p.rw());
+    raw.send(&[b'Q', 0, 1, 0, 0]);
+    let (tag, body) = raw.recv();
+    assert_eq!(tag, b'E');
+    assert_eq!(msg::error_fields(&body).unwrap().code, "08P01");
+    // A client that never finishes startup is dropped after the timeout.
+    let mut slow = TcpStream::connect(("127.0.0.1", p.rw())).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    slow.write_all(&[0, 0, 0]).unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(
+        slow.read(&mut buf).unwrap_or(0),
+        0,
+        "closed without a reply"
+    );
+    // The proxy still serves everyone else.
+    assert_eq!(Raw::connect(p.rw()).query("select 1"), vec!["1"]);
+}

@@ -1,0 +1,378 @@
+//! Pooling and routing through the proxy against a real PostgreSQL 15:
+//! psql, tokio-postgres and pgbench in every query mode, both pool modes,
+//! authentication, limits and the release rule.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{config, primary, psql, Running};
+use pgha_proxy::config::{AuthMethod, PoolMode};
+
+#[test]
+fn psql_on_the_read_write_port_reaches_a_primary_and_writes() {
+    let (_sb, pg) = primary("px-psql");
+    let p = Running::start(config(&pg, PoolMode::Transaction));
+    assert_eq!(
+        psql(p.rw(), "select pg_is_in_recovery()", &[]).unwrap(),
+        "f"
+    );
+    psql(
+        p.rw(),
+        "create table t(x int); insert into t values (1)",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(pg.psql("select count(*) from t").unwrap(), "1");
+}
+
+#[test]
+fn tokio_postgres_prepared_statements_survive_across_transactions_in_transaction_mode() {
+    let (_sb, pg) = primary("px-tokio");
+    let p = Running::start(config(&pg, PoolMode::Transaction));
+    let port = p.rw();
+    p.rt.block_on(async {
+        let mut clients = Vec::new();
+        for _ in 0..6 {
+            clients.push(Running::client(port).await);
+        }
+        // Each client prepares once; its statements run later on whichever
+        // of the 4 pooled server connections is free.
+        let mut stmts = Vec::new();
+        for c in &clients {
+            stmts.push(c.prepare("select $1::int + 1").await.unwrap());
+        }
+        for round in 0..5 {
+            let futs = clients.iter().zip(&stmts).map(|(c, s)| async move {
+                c.query_one(s, &[&round]).await.unwrap().get::<_, i32>(0)
+            });
+            let got = futures::future::join_all(futs).await;
+            assert!(got.iter().all(|v| *v == round + 1), "{got:?}");
+        }
+        let mut c = Running::client(port).await;
+        let tx = c.transaction().await.unwrap();
+        tx.execute("create temp table tt(x int)", &[])
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    });
+}
+
+fn pgbench(port: u16, args: &[&str]) -> String {
+    let out = Command::new("pgbench")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
+        .args(args)
+        .arg("postgres")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "pgbench {args:?} failed:\n{text}");
+    text
+}
+
+fn pgbench_every_mode(mode: PoolMode, label: &str) {
+    let (_sb, pg) = primary(label);
+    let out = Command::new("pgbench")
+        .args(["-i", "-q", "-s", "1", "-h", "127.0.0.1", "-p"])
+        .arg(pg.port().to_string())
+        .args(["-U", "postgres", "postgres"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let mut cfg = config(&pg, mode);
+    // Session mode needs one server per client; transaction mode shares 4.
+    if mode == PoolMode::Session {
+        cfg.pool_size = 8;
+    }
+    let p = Running::start(cfg);
+    for m in ["simple", "extended", "prepared"] {
+        let text = pgbench(p.rw(), &["-M", m, "-c", "6", "-j", "2", "-t", "100"]);
+        assert!(
+            text.contains("number of transactions actually processed: 600/600"),
+            "-M {m}: {text}"
+        );
+        assert!(!text.contains("error"), "-M {m}: {text}");
+    }
+}
+
+#[test]
+fn pgbench_simple_extended_and_prepared_all_pass_in_transaction_mode() {
+    pgbench_every_mode(PoolMode::Transaction, "px-bench-tx");
+}
+
+#[test]
+fn pgbench_simple_extended_and_prepared_all_pass_in_session_mode() {
+    pgbench_every_mode(PoolMode::Session, "px-bench-sess");
+}
+
+fn users_file(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("users.txt");
+    std::fs::write(&path, "\"postgres\" \"s3cret\"\n").unwrap();
+    path
+}
+
+#[test]
+fn scram_and_md5_clients_get_in_with_the_right_password_only() {
+    let (sb, pg) = primary("px-auth");
+    for method in [AuthMethod::ScramSha256, AuthMethod::Md5] {
+        let mut cfg = config(&pg, PoolMode::Transaction);
+        cfg.auth_method = method;
+        cfg.users_file = Some(users_file(sb.path()));
+        let p = Running::start(cfg);
+        let ok = psql(p.rw(), "select 1", &[("PGPASSWORD", "s3cret")]);
+        assert_eq!(ok.unwrap(), "1", "{method:?}");
+        let bad = psql(p.rw(), "select 1", &[("PGPASSWORD", "guess")]).unwrap_err();
+        assert!(
+            bad.contains("password authentication failed for user \"postgres\""),
+            "{method:?}: {bad}"
+        );
+        assert!(!bad.contains("guess") && !bad.contains("s3cret"), "{bad}");
+    }
+}
+
+#[test]
+fn clients_beyond_max_client_conn_are_refused_with_53300() {
+    let (_sb, pg) = primary("px-maxconn");
+    let mut cfg = config(&pg, PoolMode::Transaction);
+    cfg.max_client_conn = 2;
+    let p = Running::start(cfg);
+    let port = p.rw();
+    p.rt.block_on(async {
+        let a = Running::client(port).await;
+        let b = Running::client(port).await;
+        let err = tokio_postgres::connect(
+            &format!("host=127.0.0.1 port={port} user=postgres dbname=postgres"),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .err()
+        .expect("third client must be refused");
+        assert_eq!(
+            err.code(),
+            Some(&tokio_postgres::error::SqlState::TOO_MANY_CONNECTIONS),
+            "{err}"
+        );
+        a.simple_query("select 1").await.unwrap();
+        b.simple_query("select 1").await.unwrap();
+    });
+}
+
+#[test]
+fn an_open_transaction_holds_its_server_and_others_time_out_waiting_then_proceed() {
+    let (_sb, pg) = primary("px-release");
+    let mut cfg = config(&pg, PoolMode::Transaction);
+    cfg.pool_size = 1;
+    cfg.checkout_timeout = Duration::from_millis(300);
+    let p = Running::start(cfg);
+    let port = p.rw();
+    p.rt.block_on(async {
+        let a = Running::client(port).await;
+        let b = Running::client(port).await;
+        a.batch_execute("begin; select 1").await.unwrap();
+        let err = b.simple_query("select 2").await.unwrap_err();
+        let text = common::db_message(&err);
+        assert!(text.contains("no server connection available"), "{text}");
+        // A failed transaction ('E') keeps the server too.
+        assert!(a.batch_execute("select 1/0").await.is_err());
+        assert!(b.simple_query("select 2").await.is_err());
+        a.batch_execute("rollback").await.unwrap();
+        let v: i32 = b.query_one("select 2", &[]).await.unwrap().get(0);
+        assert_eq!(v, 2);
+    });
+}
+
+#[test]
+fn session_mode_resets_the_server_before_the_next_client() {
+    let (_sb, pg) = primary("px-session");
+    let mut cfg = config(&pg, PoolMode::Session);
+    cfg.pool_size = 1;
+    let p = Running::start(cfg);
+    let port = p.rw();
+    p.rt.block_on(async {
+        let a = Running::client(port).await;
+        a.batch_execute("set work_mem = '7MB'; create temp table tmp(x int)")
+            .await
+            .unwrap();
+        let pid_a: i32 = a
+            .query_one("select pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        drop(a);
+        // pool_size 1: the next client waits for the same server connection.
+        let b = Running::client(port).await;
+        let row = b
+            .query_one("select pg_backend_pid(), current_setting('work_mem')", &[])
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, i32>(0), pid_a, "same server connection");
+        assert_eq!(
+            row.get::<_, String>(1),
+            "4MB",
+            "SET was reset by DISCARD ALL"
+        );
+        assert!(b.simple_query("select * from tmp").await.is_err());
+    });
+}
+
+#[test]
+fn the_proxy_logs_in_to_servers_with_scram_and_md5() {
+    let (sb, pg) = primary("px-srvauth");
+    pg.psql("create role app_scram login password 'pw'")
+        .unwrap();
+    pg.psql("set password_encryption = 'md5'; create role app_md5 login password 'pw'")
+        .unwrap();
+    let hba = pg.data_dir().join("pg_hba.conf");
+    let old = std::fs::read_to_string(&hba).unwrap();
+    std::fs::write(
+        &hba,
+        format!(
+            "host all app_scram 127.0.0.1/32 scram-sha-256\n\
+             host all app_md5 127.0.0.1/32 md5\n{old}"
+        ),
+    )
+    .unwrap();
+    pg.psql("select pg_reload_conf()").unwrap();
+    let users = sb.path().join("users.txt");
+    std::fs::write(&users, "\"app_scram\" \"pw\"\n\"app_md5\" \"pw\"\n").unwrap();
+    let mut cfg = config(&pg, PoolMode::Transaction);
+    cfg.users_file = Some(users);
+    cfg.auth_method = AuthMethod::ScramSha256;
+    let p = Running::start(cfg);
+    for user in ["app_scram", "app_md5"] {
+        let out = Command::new("psql")
+            .args([
+                "-XAtq",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &p.rw().to_string(),
+                "-U",
+                user,
+            ])
+            .args(["-d", "postgres", "-c", "select current_user"])
+            .env("PGPASSWORD", "pw")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{user}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), user);
+    }
+    // The server's method really is in force: a direct login needs the password.
+    let direct = Command::new("psql")
+        .args([
+            "-XAtqw",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &pg.port().to_string(),
+            "-U",
+            "app_md5",
+        ])
+        .args(["-d", "postgres", "-c", "select 1"])
+        .output()
+        .unwrap();
+    assert!(!direct.status.success());
+}
+
+fn proxy_backends(pg: &pgha_local::PgInstance) -> usize {
+    pg.psql("select count(*) from pg_stat_activity where application_name = 'pgha-proxy'")
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn idle_servers_close_after_the_idle_timeout_and_min_idle_stays_open() {
+    let (_sb, pg) = primary("px-idle");
+    let mut cfg = config(&pg, PoolMode::Transaction);
+    cfg.server_idle_timeout = Duration::from_millis(300);
+    let p = Running::start(cfg);
+    let mut clients: Vec<_> = (0..3).map(|_| common::Raw::connect(p.rw())).collect();
+    for c in &mut clients {
+        c.query("begin");
+    }
+    assert_eq!(proxy_backends(&pg), 3);
+    for c in &mut clients {
+        c.query("commit");
+    }
+    pgha_local::wait_until("idle servers closed", Duration::from_secs(10), || {
+        Ok((proxy_backends(&pg) == 0).then_some(()))
+    })
+    .unwrap();
+    // Clients never noticed: the next transaction gets a fresh server.
+    assert_eq!(clients[0].query("select 1"), vec!["1"]);
+    drop(p);
+
+    let mut cfg = config(&pg, PoolMode::Transaction);
+    cfg.min_idle = 2;
+    let p = Running::start(cfg);
+    common::Raw::connect(p.rw()).query("select 1");
+    pgha_local::wait_until("min_idle servers open", Duration::from_secs(20), || {
+        let n = proxy_backends(&pg);
+        if n == 2 {
+            Ok(Some(()))
+        } else {
+            Err(format!("{n} proxy backends").into())
+        }
+    })
+    .unwrap();
+}
+
+#[test]
+fn auth_query_users_log_in_with_scram_and_reach_servers_without_a_stored_password() {
+    let (_sb, pg) = primary("px-authq");
+    pg.psql("create role app login password 'pw'").unwrap();
+    let hba = pg.data_dir().join("pg_hba.conf");
+    let old = std::fs::read_to_string(&hba).unwrap();
+    std::fs::write(
+        &hba,
+        format!("host all app 127.0.0.1/32 scram-sha-256\n{old}"),
+    )
+    .unwrap();
+    pg.psql("select pg_reload_conf()").unwrap();
+    let mut cfg = config(&pg, PoolMode::Transaction);
+    cfg.auth_method = AuthMethod::ScramSha256;
+    cfg.auth_query = Some("SELECT usename, passwd FROM pg_shadow WHERE usename = $1".into());
+    let p = Running::start(cfg);
+    let login = |pw: &str| {
+        Command::new("psql")
+            .args([
+                "-XAtq",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &p.rw().to_string(),
+                "-U",
+                "app",
+            ])
+            .args(["-d", "postgres", "-c", "select current_user"])
+            .env("PGPASSWORD", pw)
+            .output()
+            .unwrap()
+    };
+    let ok = login("pw");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&ok.stdout).trim(), "app");
+    let bad = login("nope");
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("password authentication failed for user \"app\""),
+        "{err}"
+    );
+}
