@@ -26,7 +26,7 @@ use crate::config::AgentConfig;
 use crate::ha::{DataDir, StopMode};
 
 pub use create::{ControlData, ReplicaMethod};
-pub use sql::{connect, current_lsn, Probe};
+pub use sql::{connect, current_lsn, probe, Probe};
 
 /// A postgres operation failed.
 #[derive(Debug, thiserror::Error)]

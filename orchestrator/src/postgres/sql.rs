@@ -15,6 +15,8 @@ use crate::ha::Streaming;
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Probe {
     pub in_recovery: bool,
+    /// Primary: its timeline. Replica: the newest it has reached (WAL
+    /// receiver, minimum recovery point (set by pg_rewind) or checkpoint).
     pub timeline: Option<u32>,
     /// Primary: write position; replica: furthest of received and replayed.
     pub lsn: Option<Lsn>,
@@ -131,53 +133,7 @@ impl Postgres {
 
     /// Role, timeline, WAL positions and connected standbys.
     pub async fn probe(&self) -> Result<Probe, PgError> {
-        let c = probe_session(&self.cfg).await?;
-        let row = c
-            .query_one(
-                "select pg_is_in_recovery(),
-                   case when pg_is_in_recovery() then null else pg_current_wal_lsn()::text end,
-                   pg_last_wal_receive_lsn()::text, pg_last_wal_replay_lsn()::text,
-                   case when pg_is_in_recovery()
-                        then coalesce((select received_tli from pg_stat_wal_receiver),
-                                      (select timeline_id from pg_control_checkpoint()))
-                        else ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int
-                   end,
-                   exists (select 1 from pg_stat_wal_receiver where status = 'streaming')",
-                &[],
-            )
-            .await
-            .map_err(sql("probe"))?;
-        let in_recovery: bool = row.get(0);
-        let current = lsn(row.get(1));
-        let receive_lsn = lsn(row.get(2));
-        let replay_lsn = lsn(row.get(3));
-        let timeline: Option<i32> = row.get(4);
-        let receiving: bool = row.get(5);
-        let streaming = if in_recovery {
-            Vec::new()
-        } else {
-            c.query(
-                "select application_name, sync_state from pg_stat_replication where state = 'streaming'",
-                &[],
-            )
-            .await
-            .map_err(sql("pg_stat_replication"))?
-            .iter()
-            .map(|r| Streaming {
-                member: r.get(0),
-                sync: r.get::<_, String>(1) == "sync",
-            })
-            .collect()
-        };
-        Ok(Probe {
-            receiving,
-            in_recovery,
-            timeline: timeline.and_then(|t| u32::try_from(t).ok()),
-            lsn: current.or(receive_lsn.max(replay_lsn)),
-            receive_lsn,
-            replay_lsn,
-            streaming,
-        })
+        probe(&*probe_session(&self.cfg).await?).await
     }
 
     /// Promotes the standby and waits until it accepts writes.
@@ -274,6 +230,58 @@ impl Postgres {
         }
         Ok(())
     }
+}
+
+/// Role, timeline, WAL positions and connected standbys of the server
+/// behind `c`.
+pub async fn probe(c: &Client) -> Result<Probe, PgError> {
+    let row = c
+        .query_one(
+            "select pg_is_in_recovery(),
+               case when pg_is_in_recovery() then null else pg_current_wal_lsn()::text end,
+               pg_last_wal_receive_lsn()::text, pg_last_wal_replay_lsn()::text,
+               case when pg_is_in_recovery()
+                    then greatest((select received_tli from pg_stat_wal_receiver),
+                                  (select nullif(min_recovery_end_timeline, 0) from pg_control_recovery()),
+                                  (select timeline_id from pg_control_checkpoint()))
+                    else ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int
+               end,
+               exists (select 1 from pg_stat_wal_receiver where status = 'streaming')",
+            &[],
+        )
+        .await
+        .map_err(sql("probe"))?;
+    let in_recovery: bool = row.get(0);
+    let current = lsn(row.get(1));
+    let receive_lsn = lsn(row.get(2));
+    let replay_lsn = lsn(row.get(3));
+    let timeline: Option<i32> = row.get(4);
+    let receiving: bool = row.get(5);
+    let streaming = if in_recovery {
+        Vec::new()
+    } else {
+        c.query(
+            "select application_name, sync_state from pg_stat_replication where state = 'streaming'",
+            &[],
+        )
+        .await
+        .map_err(sql("pg_stat_replication"))?
+        .iter()
+        .map(|r| Streaming {
+            member: r.get(0),
+            sync: r.get::<_, String>(1) == "sync",
+        })
+        .collect()
+    };
+    Ok(Probe {
+        receiving,
+        in_recovery,
+        timeline: timeline.and_then(|t| u32::try_from(t).ok()),
+        lsn: current.or(receive_lsn.max(replay_lsn)),
+        receive_lsn,
+        replay_lsn,
+        streaming,
+    })
 }
 
 #[cfg(test)]
