@@ -50,6 +50,9 @@ enum Cmd {
         /// Idle clients to hold open through pgha-proxy at the end (0: skip).
         #[arg(long, default_value_t = 10_000)]
         idle: usize,
+        /// Run only the scenarios whose name contains this (e.g. `extended`).
+        #[arg(long)]
+        only: Option<String>,
     },
     /// Kill the primary of a 3-node cluster --kills times and time each
     /// SIGKILL-to-first-accepted-write. `--system patroni` runs Debian's
@@ -82,7 +85,8 @@ fn main() -> anyhow::Result<()> {
             secs,
             pool_size,
             idle,
-        } => bench_poolers(runs, secs, pool_size, idle),
+            only,
+        } => bench_poolers(runs, secs, pool_size, idle, only.as_deref()),
         Cmd::BenchFailover {
             system,
             kills,
@@ -96,7 +100,13 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn bench_poolers(runs: usize, secs: u64, pool_size: u32, idle: usize) -> anyhow::Result<()> {
+fn bench_poolers(
+    runs: usize,
+    secs: u64,
+    pool_size: u32,
+    idle: usize,
+    only: Option<&str>,
+) -> anyhow::Result<()> {
     let sb = Sandbox::new("bench")?;
     let opts = PgOptions::default()
         .set("max_connections", "600")
@@ -150,6 +160,11 @@ fn bench_poolers(runs: usize, secs: u64, pool_size: u32, idle: usize) -> anyhow:
         Scenario::select_only("prepared c32", "prepared", 32, secs, false),
         Scenario::select_only("storm c400 -C", "simple", 400, secs, true),
     ];
+    let scenarios: Vec<Scenario> = scenarios
+        .into_iter()
+        .filter(|s| only.is_none_or(|o| s.name.contains(o)))
+        .collect();
+    anyhow::ensure!(!scenarios.is_empty(), "--only {only:?} matches no scenario");
     let rows = bench::run_matrix(&targets, &scenarios, runs, &sb.subdir("pgbench-logs")?);
     println!("pgbench -S, {runs} runs of {secs}s each, medians; ratios against pgbouncer");
     println!("avg: pgbench's (with -C it includes connecting); p99: per-transaction log (excludes connecting)");

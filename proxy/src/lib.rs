@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod bell;
 pub mod cancel;
 pub mod config;
 pub mod listener;
@@ -42,6 +43,8 @@ pub struct Shared {
     pub pools: pool::Pools,
     pub topology: Arc<topology::Topology>,
     pub cancels: Arc<cancel::Cancels>,
+    /// Every session's doorbell: routing changes, drain, stop.
+    pub bells: Arc<bell::Bells>,
     pub statements: prepared::Registry,
     pub pause: switchover::PauseState,
     pub metrics: metrics::Metrics,
@@ -74,6 +77,7 @@ impl Shared {
             draining: tokio_util::sync::CancellationToken::new(),
             topology: Arc::new(topology::Topology::new(table)),
             cancels: Arc::default(),
+            bells: Arc::default(),
             statements: prepared::Registry::default(),
             pause: switchover::PauseState::default(),
             metrics: metrics::Metrics::new(),

@@ -50,6 +50,7 @@ impl ProxyHandle {
     /// Stops at once: listeners and sessions end now.
     pub async fn stop(self) {
         self.shutdown.cancel();
+        self.shared.bells.stop();
         self.tasks.close();
         self.sessions.close();
         self.tasks.wait().await;
@@ -70,6 +71,7 @@ impl ProxyHandle {
             tracing::warn!("drain bound of {bound:?} reached; closing remaining clients");
         }
         self.shutdown.cancel();
+        self.shared.bells.stop();
         self.tasks.wait().await;
         self.sessions.wait().await;
     }
@@ -133,11 +135,13 @@ impl Proxy {
             let ctx = AcceptCtx {
                 shared: shared.clone(),
                 accepting: handle.accepting.clone(),
-                stop: handle.shutdown.clone(),
                 tasks: handle.sessions.clone(),
             };
             handle.tasks.spawn(accept_loop(l, route, ctx));
         }
+        handle
+            .tasks
+            .spawn(ring_sessions(shared.clone(), handle.shutdown.clone()));
         let (upkeep_shared, upkeep_stop) = (shared.clone(), handle.shutdown.clone());
         handle.tasks.spawn(async move {
             // Housekeeping: idle timeouts, min_idle, histogram upkeep.
@@ -163,7 +167,6 @@ impl Proxy {
 struct AcceptCtx {
     shared: Arc<Shared>,
     accepting: CancellationToken,
-    stop: CancellationToken,
     tasks: TaskTracker,
 }
 
@@ -171,7 +174,6 @@ async fn accept_loop(l: TcpListener, route: Route, ctx: AcceptCtx) {
     let AcceptCtx {
         shared,
         accepting,
-        stop,
         tasks,
     } = ctx;
     loop {
@@ -182,15 +184,31 @@ async fn accept_loop(l: TcpListener, route: Route, ctx: AcceptCtx) {
         match accepted {
             Ok((stream, _)) => {
                 let _ = stream.set_nodelay(true);
-                let (shared, stop) = (shared.clone(), stop.clone());
-                tasks.spawn(async move {
-                    tokio::select! {
-                        _ = crate::session::serve_tcp(shared, stream, route) => {}
-                        _ = stop.cancelled() => {}
-                    }
-                });
+                tasks.spawn(crate::session::serve_tcp(shared.clone(), stream, route));
             }
             Err(e) => tracing::warn!(error = %e, "accept failed"),
         }
+    }
+}
+
+/// Rings every session's doorbell when the routing table changes and when
+/// the drain begins, and stops them all with `stop` (see `bell`).
+async fn ring_sessions(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut changes = shared.topology.subscribe();
+    let mut drain_rung = false;
+    loop {
+        tokio::select! {
+            r = changes.changed() => {
+                if r.is_err() {
+                    return;
+                }
+            }
+            _ = shared.draining.cancelled(), if !drain_rung => drain_rung = true,
+            _ = stop.cancelled() => {
+                shared.bells.stop();
+                return;
+            }
+        }
+        shared.bells.ring_all();
     }
 }

@@ -8,7 +8,10 @@
 
 use std::time::Duration;
 
-use metrics::{Counter, Gauge, Histogram};
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use metrics::{Counter, Gauge};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
 use crate::router::Route;
@@ -41,7 +44,56 @@ const ERROR_KINDS: [(ErrorKind, &str); 7] = [
 pub struct RouteMetrics {
     pub transactions: Counter,
     pub queries: Counter,
-    pub wait: Histogram,
+    pub wait: WaitHistogram,
+}
+
+/// Upper bounds of the wait-time buckets, seconds.
+const WAIT_BUCKETS: [f64; 11] = [
+    0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0,
+];
+
+/// The time clients wait for a server connection, as a Prometheus
+/// histogram with fixed buckets on relaxed atomics: a sample costs three
+/// adds on the hot path, and nothing grows between scrapes (the `metrics`
+/// crate's histograms buffer every sample until the next scrape).
+#[derive(Debug, Default)]
+pub struct WaitHistogram {
+    /// Samples per bucket (not cumulative); past the last bound: none.
+    buckets: [AtomicU64; WAIT_BUCKETS.len()],
+    count: AtomicU64,
+    sum_nanos: AtomicU64,
+}
+
+impl WaitHistogram {
+    pub fn record(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        if let Some(i) = WAIT_BUCKETS.iter().position(|b| secs <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+
+    /// Appends the histogram in Prometheus text format.
+    fn render(&self, name: &str, route: &str, out: &mut String) {
+        let mut cumulative = 0;
+        for (bound, n) in WAIT_BUCKETS.iter().zip(&self.buckets) {
+            cumulative += n.load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{route=\"{route}\",le=\"{bound}\"}} {cumulative}"
+            );
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{route=\"{route}\",le=\"+Inf\"}} {count}"
+        );
+        let _ = writeln!(out, "{name}_sum{{route=\"{route}\"}} {sum}");
+        let _ = writeln!(out, "{name}_count{{route=\"{route}\"}} {count}");
+    }
 }
 
 /// Every metric of one proxy.
@@ -71,22 +123,14 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let buckets = [
-            0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0,
-        ];
-        let builder = PrometheusBuilder::new();
-        let builder = match builder.set_buckets(&buckets) {
-            Ok(b) => b,
-            Err(_) => PrometheusBuilder::new(),
-        };
-        let recorder = builder.build_recorder();
+        let recorder = PrometheusBuilder::new().build_recorder();
         let handle = recorder.handle();
         let (rw, ro, routing_changes, bytes_in, bytes_out, errors, clients) =
             metrics::with_local_recorder(&recorder, || {
                 let route = |r: &'static str| RouteMetrics {
                     transactions: metrics::counter!("pgha_proxy_transactions_total", "route" => r),
                     queries: metrics::counter!("pgha_proxy_queries_total", "route" => r),
-                    wait: metrics::histogram!("pgha_proxy_wait_seconds", "route" => r),
+                    wait: WaitHistogram::default(),
                 };
                 (
                     route("rw"),
@@ -130,7 +174,7 @@ impl Metrics {
     }
 
     pub fn wait(&self, r: Route, d: Duration) {
-        self.route(r).wait.record(d.as_secs_f64());
+        self.route(r).wait.record(d);
     }
 
     /// Drains histogram samples into their buckets; run periodically so an
@@ -161,6 +205,48 @@ impl Metrics {
                 }
             }
         });
-        self.handle.render()
+        let mut out = self.handle.render();
+        let name = "pgha_proxy_wait_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Time clients waited for a server connection."
+        );
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        for (route, m) in [("rw", &self.rw), ("ro", &self.ro)] {
+            m.wait.render(name, route, &mut out);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wait_histogram_renders_cumulative_buckets_sum_and_count() {
+        let h = WaitHistogram::default();
+        h.record(Duration::ZERO);
+        h.record(Duration::from_micros(300));
+        h.record(Duration::from_millis(2));
+        h.record(Duration::from_secs(60));
+        let mut out = String::new();
+        h.render("w", "rw", &mut out);
+        let line = |prefix: &str| {
+            out.lines()
+                .find(|l| l.starts_with(prefix))
+                .unwrap_or_else(|| panic!("{prefix} missing in {out}"))
+                .rsplit(' ')
+                .next()
+                .unwrap_or_default()
+                .to_owned()
+        };
+        assert_eq!(line("w_bucket{route=\"rw\",le=\"0.0001\"}"), "1");
+        assert_eq!(line("w_bucket{route=\"rw\",le=\"0.0005\"}"), "2");
+        assert_eq!(line("w_bucket{route=\"rw\",le=\"0.005\"}"), "3");
+        assert_eq!(line("w_bucket{route=\"rw\",le=\"10\"}"), "3");
+        assert_eq!(line("w_bucket{route=\"rw\",le=\"+Inf\"}"), "4");
+        assert_eq!(line("w_count{route=\"rw\"}"), "4");
+        assert_eq!(line("w_sum{route=\"rw\"}"), "60.0023");
     }
 }

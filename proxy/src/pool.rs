@@ -122,15 +122,16 @@ impl Pool {
 
     fn reusable(&self, c: &mut ServerConn) -> bool {
         let now = Instant::now();
-        if now.duration_since(c.created) > self.cfg.server_lifetime
-            || now.duration_since(c.idle_since) > self.cfg.server_idle_timeout
+        let idle = now.saturating_duration_since(c.idle_since);
+        if now.saturating_duration_since(c.created) > self.cfg.server_lifetime
+            || idle > self.cfg.server_idle_timeout
         {
             return false;
         }
         // A connection idle for a while may have been closed by the server
         // (an admin shutdown notice or EOF waits in its socket). Recently
         // used ones skip the probe: it costs a syscall per transaction.
-        if now.duration_since(c.idle_since) < Duration::from_secs(1) {
+        if idle < Duration::from_secs(1) {
             return true;
         }
         let mut probe = [0u8; 1];

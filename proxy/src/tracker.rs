@@ -49,6 +49,9 @@ pub struct Verdict {
 #[derive(Debug)]
 pub struct Tracker {
     queue: VecDeque<Pending>,
+    /// How many `Pending::Fake` are queued: none in the common case, which
+    /// then skips looking for them.
+    fakes: usize,
     unsynced: bool,
     status: u8,
 }
@@ -57,6 +60,7 @@ impl Default for Tracker {
     fn default() -> Self {
         Tracker {
             queue: VecDeque::new(),
+            fakes: 0,
             unsynced: false,
             status: b'I',
         }
@@ -116,24 +120,39 @@ impl Tracker {
         match &p {
             Pending::Sync => self.unsynced = false,
             Pending::Query => {}
+            Pending::Fake(_) => {
+                self.fakes += 1;
+                self.unsynced = true;
+            }
             _ => self.unsynced = true,
         }
         self.queue.push_back(p);
         self.drain_fakes()
     }
 
+    fn pop_front(&mut self) -> Option<Pending> {
+        let p = self.queue.pop_front();
+        if let Some(Pending::Fake(_)) = p {
+            self.fakes -= 1;
+        }
+        p
+    }
+
     fn drain_fakes(&mut self) -> Vec<u8> {
         let mut out = Vec::new();
+        if self.fakes == 0 {
+            return out;
+        }
         while let Some(Pending::Fake(tag)) = self.queue.front() {
             out.push(*tag);
-            self.queue.pop_front();
+            self.pop_front();
         }
         out
     }
 
     fn pop(&mut self, v: &mut Verdict) {
         if let Some(Pending::Parse { hidden: true, .. } | Pending::Close { hidden: true }) =
-            self.queue.pop_front()
+            self.pop_front()
         {
             v.forward = false;
         }
@@ -156,7 +175,7 @@ impl Tracker {
                 if let Some(s) = crate::protocol::messages::ready_status(body) {
                     self.status = s;
                 }
-                while let Some(p) = self.queue.pop_front() {
+                while let Some(p) = self.pop_front() {
                     if matches!(p, Pending::Sync | Pending::Query) {
                         break;
                     }
@@ -177,7 +196,7 @@ impl Tracker {
             }
             if let Some(Pending::Parse {
                 stmt: Some(name), ..
-            }) = self.queue.pop_front()
+            }) = self.pop_front()
             {
                 v.unprepared.push(name);
             }
@@ -193,7 +212,12 @@ mod tests {
         let mut fakes = Vec::new();
         let fwd = msgs
             .iter()
-            .map(|(tag, body)| t.server_message(*tag, body, &mut fakes).forward)
+            .map(|(tag, body)| {
+                let v = t.server_message(*tag, body, &mut fakes).forward;
+                let queued = t.queue.iter().filter(|p| matches!(p, Pending::Fake(_)));
+                assert_eq!(t.fakes, queued.count(), "fake count out of step");
+                v
+            })
             .collect();
         (fwd, fakes)
     }

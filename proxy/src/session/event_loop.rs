@@ -5,42 +5,29 @@
 //! Idle clients wait for readability without holding a read buffer. May
 //! call: the session's handlers, tokio I/O.
 
-use std::future::Future;
-use std::pin::Pin;
+use std::sync::Arc;
 
-use bytes::BytesMut;
 use tokio::io::AsyncReadExt;
-use tokio::sync::watch;
-use tokio_util::sync::WaitForCancellationFutureOwned;
 
-use super::{ClientError, ClientIo, Flow, Session, SessionError, READ_CHUNK};
+use super::{
+    park_buffer, unpark_buffer, ClientError, ClientIo, Flow, Session, SessionError, READ_CHUNK,
+};
+use crate::bell::Doorbell;
 use crate::metrics::ErrorKind;
 use crate::protocol::messages as msg;
 
 /// What woke the session.
 enum Ev {
-    /// An idle client's socket has data: read it next turn.
-    Readable,
     Client(std::io::Result<usize>),
     Server(std::io::Result<usize>),
-    Topology(watch::Receiver<u64>),
-    Drain,
+    /// The routing table changed or the proxy drains.
+    Bell,
 }
 
 /// Loop state that is not part of the session.
 #[derive(Default)]
 struct LoopState {
-    readable: bool,
     drain_noted: bool,
-}
-
-/// Resolves at the next routing change, handing the receiver back.
-async fn next_change(mut rx: watch::Receiver<u64>) -> watch::Receiver<u64> {
-    if rx.changed().await.is_err() {
-        // The sender lives as long as the proxy: never wake again.
-        std::future::pending::<()>().await;
-    }
-    rx
 }
 
 fn server_lost() -> ClientError {
@@ -52,21 +39,16 @@ fn server_lost() -> ClientError {
 
 impl<C: ClientIo> Session<C> {
     /// Waits for the next event.
-    async fn next_event<F: Future<Output = watch::Receiver<u64>>>(
-        &mut self,
-        st: &LoopState,
-        changes: &mut Pin<&mut F>,
-        draining: &mut Pin<&mut WaitForCancellationFutureOwned>,
-    ) -> Ev {
+    async fn next_event(&mut self, bell: &Doorbell) -> Ev {
         let Session {
             client,
             cbuf,
             server,
             ..
         } = self;
-        let idle = server.is_none() && cbuf.is_empty() && !st.readable;
+        let idle = server.is_none() && cbuf.is_empty();
         if idle && cbuf.capacity() > 0 {
-            *cbuf = BytesMut::new();
+            park_buffer(cbuf);
         }
         if !idle && cbuf.capacity() - cbuf.len() < 1024 {
             cbuf.reserve(READ_CHUNK);
@@ -85,8 +67,10 @@ impl<C: ClientIo> Session<C> {
         };
         let client_read = async {
             if idle {
+                // The buffer is taken only once there is something to read,
+                // and read in the same turn.
                 client.wait_readable().await;
-                return Ev::Readable;
+                unpark_buffer(cbuf);
             }
             Ev::Client(client.read_buf(cbuf).await)
         };
@@ -96,31 +80,23 @@ impl<C: ClientIo> Session<C> {
             biased;
             r = server_read => Ev::Server(r),
             ev = client_read => ev,
-            rx = changes.as_mut() => Ev::Topology(rx),
-            _ = draining.as_mut(), if !st.drain_noted => Ev::Drain,
+            _ = bell.wait() => Ev::Bell,
         }
     }
 
     /// Handles one event.
     async fn handle(&mut self, ev: Ev, st: &mut LoopState) -> Result<Flow, SessionError> {
         match ev {
-            Ev::Readable => {
-                st.readable = true;
-                Ok(Flow::Continue)
-            }
             Ev::Client(Ok(0)) | Ev::Client(Err(_)) => Ok(Flow::Quit),
             Ev::Client(Ok(n)) => {
-                st.readable = false;
                 self.shared.metrics.bytes_in.increment(n as u64);
                 self.on_client_data().await
             }
             Ev::Server(Ok(n)) if n > 0 => self.on_server_data().await.map(|_| Flow::Continue),
             Ev::Server(_) => Ok(self.lose_server(server_lost())),
-            // The caller re-arms the routing wait.
-            Ev::Topology(_) => Ok(self.on_topology()),
-            Ev::Drain => {
-                st.drain_noted = true;
-                Ok(Flow::Continue)
+            Ev::Bell => {
+                st.drain_noted = self.shared.draining.is_cancelled();
+                Ok(self.on_topology())
             }
         }
     }
@@ -160,16 +136,15 @@ impl<C: ClientIo> Session<C> {
 
     /// The message loop, until the client leaves or the proxy stops.
     pub(super) async fn run(mut self) {
-        // Long-lived waits, created once: re-creating them on every loop
-        // turn would lock their wait lists twice per message.
-        let mut changes = std::pin::pin!(next_change(self.shared.topology.subscribe()));
-        let mut draining = std::pin::pin!(self.shared.draining.clone().cancelled_owned());
-        let mut st = LoopState::default();
+        // The bell is rung after the routing table changed or the drain
+        // began; a drain that began before this session registered its
+        // bell is seen here.
+        let bell: Arc<Doorbell> = self.bell.clone();
+        let mut st = LoopState {
+            drain_noted: self.shared.draining.is_cancelled(),
+        };
         loop {
-            let ev = self.next_event(&st, &mut changes, &mut draining).await;
-            if let Ev::Topology(rx) = &ev {
-                changes.set(next_change(rx.clone()));
-            }
+            let ev = self.next_event(&bell).await;
             let r = self.handle(ev, &mut st).await;
             let Some(flow) = self.recover(r) else { break };
             if self.flush().await.is_err() {

@@ -68,6 +68,23 @@ pub fn pass(conn: &mut ServerConn, tag: u8, frame: &[u8], out: &mut Out<'_>) {
     conn.tracker.client_message(tag);
 }
 
+/// Whether a frame may name a prepared statement, which transaction mode
+/// renames: a cheap look at the first bytes, so unnamed statements (every
+/// `-M extended` query) and portals pass without being parsed.
+fn names_a_statement(tag: u8, body: &[u8]) -> bool {
+    match tag {
+        b'P' => body.first().is_some_and(|&b| b != 0),
+        // Portal name, then the statement's.
+        b'B' => body
+            .iter()
+            .position(|&b| b == 0)
+            .and_then(|end| body.get(end + 1))
+            .is_some_and(|&b| b != 0),
+        b'D' | b'C' => body.first() == Some(&b'S') && body.get(1).is_some_and(|&b| b != 0),
+        _ => false,
+    }
+}
+
 /// Forwards one client frame in transaction mode, where named statements
 /// are renamed to their proxy-wide names and prepared on demand.
 pub fn transaction_mode(
@@ -79,6 +96,10 @@ pub fn transaction_mode(
 ) {
     let tag = frame[0];
     let body = &frame[5..];
+    if !names_a_statement(tag, body) {
+        pass(conn, tag, frame, out);
+        return;
+    }
     match tag {
         b'P' => {
             if let Some((name, rest)) = msg::parse_msg(body).filter(|(n, _)| !n.is_empty()) {

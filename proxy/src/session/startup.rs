@@ -13,6 +13,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::{ClientError, ClientIo, Session};
 use crate::auth::{self, AuthError};
+use crate::bell::Doorbell;
 use crate::config::AuthMethod;
 use crate::protocol::messages as msg;
 use crate::protocol::{split_startup, ProtocolError, StartupPacket, StartupParams};
@@ -76,17 +77,36 @@ async fn negotiate(shared: &Shared, mut stream: tokio::net::TcpStream) -> Negoti
 /// Serves one TCP client: negotiates TLS if it asks and the proxy has a
 /// certificate, then serves it to the end. The negotiation and the TLS
 /// session are boxed: plain idle clients must not pay for their size.
+/// Ends when the proxy stops, wherever the session is.
 pub async fn serve_tcp(shared: Arc<Shared>, stream: tokio::net::TcpStream, route: Route) {
-    match Box::pin(negotiate(&shared, stream)).await {
-        Negotiated::Plain(stream, buf) => serve(shared, stream, route, buf).await,
-        Negotiated::Tls(tls) => Box::pin(serve(shared, *tls, route, BytesMut::new())).await,
-        Negotiated::Done => {}
+    let registered = shared.bells.register();
+    let bell = registered.bell.clone();
+    let work = async move {
+        match Box::pin(negotiate(&shared, stream)).await {
+            Negotiated::Plain(stream, buf) => serve(shared, stream, route, buf, bell).await,
+            Negotiated::Tls(tls) => {
+                Box::pin(serve(shared, *tls, route, BytesMut::new(), bell)).await
+            }
+            Negotiated::Done => {}
+        }
+    };
+    tokio::select! {
+        // The session first: the stop check is a flag load.
+        biased;
+        _ = work => {}
+        _ = registered.stopped() => {}
     }
 }
 
-/// Serves one client connection to the end; `buf` holds bytes already read.
-pub async fn serve<C>(shared: Arc<Shared>, client: C, route: Route, buf: BytesMut)
-where
+/// Serves one client connection to the end; `buf` holds bytes already
+/// read, `bell` is rung on routing changes and drain.
+pub async fn serve<C>(
+    shared: Arc<Shared>,
+    client: C,
+    route: Route,
+    buf: BytesMut,
+    bell: Arc<Doorbell>,
+) where
     C: ClientIo,
 {
     let guard = shared.client_enter();
@@ -94,7 +114,7 @@ where
     let over = guard.over_limit;
     // Boxed: the handshake's state is large and short-lived; it must not
     // inflate every idle client's task.
-    let hs = Box::pin(handshake(shared, client, route, over, buf));
+    let hs = Box::pin(handshake(shared, client, route, over, buf, bell));
     match tokio::time::timeout(timeout, hs).await {
         Ok(Some(session)) => session.run().await,
         Ok(None) => {}
@@ -225,6 +245,7 @@ async fn handshake<C>(
     route: Route,
     over_limit: bool,
     mut buf: BytesMut,
+    bell: Arc<Doorbell>,
 ) -> Option<Session<C>>
 where
     C: ClientIo,
@@ -261,6 +282,7 @@ where
             scram_keys,
         },
         cancel,
+        bell,
         // Buffers grow on first use; an idle client holds none.
         cbuf: if buf.is_empty() { BytesMut::new() } else { buf },
         out_server: BytesMut::new(),

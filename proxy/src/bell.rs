@@ -1,0 +1,160 @@
+//! Doorbells: how the proxy wakes every client session at once (routing
+//! change, drain, stop) without each session polling a shared `Notify`,
+//! `watch` or `CancellationToken` on every turn. Those take a lock per
+//! poll, and a session waits twice per transaction.
+//!
+//! Each session task holds one [`Doorbell`] registered in [`Bells`];
+//! waiting on it costs a waker registration (two atomic compare-exchanges)
+//! and a flag load. Ringing all of them is rare and walks the registry.
+//! May call: `atomic_waker`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Poll;
+
+use atomic_waker::AtomicWaker;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+/// One session's doorbell.
+#[derive(Debug, Default)]
+pub struct Doorbell {
+    rung: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl Doorbell {
+    fn ring(&self) {
+        self.rung.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// Resolves once the bell was rung since the last time it resolved.
+    pub fn wait(&self) -> impl std::future::Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            // Register first: a ring after the check still wakes us.
+            self.waker.register(cx.waker());
+            if self.rung.load(Ordering::Acquire) && self.rung.swap(false, Ordering::AcqRel) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+    }
+}
+
+/// Every live session's doorbell, and the proxy-wide stop flag.
+#[derive(Debug, Default)]
+pub struct Bells {
+    next: AtomicU64,
+    bells: Mutex<HashMap<u64, Arc<Doorbell>>>,
+    stopped: AtomicBool,
+}
+
+/// A registered doorbell; unregistered on drop.
+#[derive(Debug)]
+pub struct Registered {
+    bells: Arc<Bells>,
+    id: u64,
+    pub bell: Arc<Doorbell>,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        lock(&self.bells.bells).remove(&self.id);
+    }
+}
+
+impl Registered {
+    /// Resolves once the proxy stops (at once if it already has).
+    pub fn stopped(&self) -> impl std::future::Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            self.bell.waker.register(cx.waker());
+            if self.bells.is_stopped() {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+    }
+}
+
+impl Bells {
+    pub fn register(self: &Arc<Self>) -> Registered {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let bell = Arc::new(Doorbell::default());
+        lock(&self.bells).insert(id, bell.clone());
+        Registered {
+            bells: self.clone(),
+            id,
+            bell,
+        }
+    }
+
+    /// Rings every session's bell.
+    pub fn ring_all(&self) {
+        for bell in lock(&self.bells).values() {
+            bell.ring();
+        }
+    }
+
+    /// Stops every session: they end at their next turn.
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
+        self.ring_all();
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::Acquire)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_ring_wakes_a_waiting_session_once_and_stop_wakes_it_for_good() {
+        let bells = Arc::new(Bells::default());
+        let r = Arc::new(bells.register());
+        let waiter = {
+            let r = r.clone();
+            tokio::spawn(async move { r.bell.wait().await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "not rung yet");
+        bells.ring_all();
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("woken by the ring")
+            .expect("waiter task");
+        // Consumed: a second wait pends until the next ring.
+        let again = tokio::time::timeout(std::time::Duration::from_millis(50), r.bell.wait());
+        assert!(again.await.is_err(), "a ring is consumed once");
+
+        let stopper = {
+            let r = r.clone();
+            tokio::spawn(async move { r.stopped().await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!stopper.is_finished());
+        bells.stop();
+        tokio::time::timeout(std::time::Duration::from_secs(5), stopper)
+            .await
+            .expect("woken by stop")
+            .expect("stopper task");
+        r.stopped().await; // already stopped: at once
+        let id = r.id;
+        drop(r);
+        assert!(
+            !lock(&bells.bells).contains_key(&id),
+            "unregistered on drop"
+        );
+    }
+}
