@@ -54,7 +54,7 @@ fn status_json(shared: &Shared) -> String {
         })
         .collect();
     let s = Status {
-        id: &shared.cfg.id,
+        id: &shared.cfg().id,
         clients: shared.client_count(),
         routing: &table,
         pools,
@@ -89,7 +89,7 @@ pub fn respond(
         (&Method::GET, "/status") => (StatusCode::OK, "application/json", status_json(shared)),
         (&Method::POST, "/pause" | "/resume") => {
             let allowed = shared
-                .cfg
+                .cfg()
                 .admin_token
                 .as_deref()
                 .is_some_and(|t| token_ok(t, auth));

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The configuration is unusable.
 #[derive(Debug, thiserror::Error)]
@@ -25,8 +25,32 @@ pub enum ConfigError {
     Invalid { key: &'static str, reason: String },
 }
 
+/// Keys a reload (SIGHUP) cannot apply: the listeners, threads, pool mode,
+/// identity and where the topology comes from. A change is logged and
+/// waits for a restart.
+pub const RESTART_KEYS: [&str; 7] = [
+    "id",
+    "listen_rw",
+    "listen_ro",
+    "listen_admin",
+    "workers",
+    "pool_mode",
+    "etcd",
+];
+
+/// Keys that shape server connections: a reload that changes one replaces
+/// the pools (idle connections close now, busy ones when released).
+pub const POOL_KEYS: [&str; 6] = [
+    "pool_size",
+    "min_idle",
+    "server_idle_timeout",
+    "server_lifetime",
+    "server_connect_timeout",
+    "prepared_cache_size",
+];
+
 /// How long a client keeps a server connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PoolMode {
     /// For one transaction; the client may run its next one elsewhere.
@@ -36,7 +60,7 @@ pub enum PoolMode {
 }
 
 /// How clients prove who they are.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum AuthMethod {
     /// `scram-sha-256`, as PostgreSQL spells it.
@@ -48,7 +72,7 @@ pub enum AuthMethod {
 }
 
 /// Role of a static backend.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendRole {
     Primary,
@@ -56,7 +80,7 @@ pub enum BackendRole {
 }
 
 /// A backend named in the config (static mode, no etcd).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StaticBackend {
     pub name: String,
@@ -75,7 +99,7 @@ fn default_host() -> String {
 }
 
 /// Where the routing table comes from in etcd mode.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct EtcdConfig {
     /// Client URLs, e.g. `["http://127.0.0.1:2379"]`.
@@ -85,7 +109,7 @@ pub struct EtcdConfig {
 }
 
 /// The whole file.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// This proxy's id (acknowledgements in `proxies/<id>`). Default `proxy`.
@@ -241,6 +265,32 @@ impl Config {
         Ok(c)
     }
 
+    /// Top-level keys whose values differ from `other`'s.
+    pub fn changed_keys(&self, other: &Config) -> Vec<String> {
+        let table = |c: &Config| toml::Table::try_from(c).unwrap_or_default();
+        let (a, b) = (table(self), table(other));
+        let mut keys: Vec<String> = a
+            .keys()
+            .chain(b.keys())
+            .filter(|k| a.get(*k) != b.get(*k))
+            .cloned()
+            .collect();
+        keys.sort();
+        keys.dedup();
+        keys
+    }
+
+    /// Puts back `old`'s values of the [`RESTART_KEYS`].
+    pub fn keep_restart_keys(&mut self, old: &Config) {
+        self.id.clone_from(&old.id);
+        self.listen_rw = old.listen_rw;
+        self.listen_ro = old.listen_ro;
+        self.listen_admin = old.listen_admin;
+        self.workers = old.workers;
+        self.pool_mode = old.pool_mode;
+        self.etcd.clone_from(&old.etcd);
+    }
+
     /// Checks the rules serde cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let err = |key, reason: &str| {
@@ -318,6 +368,22 @@ mod tests {
     fn unknown_keys_are_rejected_by_name() {
         let e = Config::parse(&format!("pool_sise = 3\n{MINIMAL}")).unwrap_err();
         assert!(e.to_string().contains("pool_sise"), "{e}");
+    }
+
+    #[test]
+    fn changed_keys_names_what_differs_and_restart_keys_are_kept() {
+        let old = Config::parse(MINIMAL).unwrap();
+        let mut new = Config::parse(&format!(
+            "pool_size = 7\nlisten_rw = \"127.0.0.1:7000\"\nadmin_token = \"t\"\n{MINIMAL}"
+        ))
+        .unwrap();
+        assert_eq!(
+            new.changed_keys(&old),
+            vec!["admin_token", "listen_rw", "pool_size"]
+        );
+        new.keep_restart_keys(&old);
+        assert_eq!(new.changed_keys(&old), vec!["admin_token", "pool_size"]);
+        assert!(old.changed_keys(&old).is_empty());
     }
 
     #[test]

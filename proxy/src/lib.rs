@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod pool;
 pub mod prepared;
 pub mod protocol;
+pub mod reload;
 pub mod router;
 pub mod server;
 pub mod session;
@@ -35,7 +36,8 @@ pub use listener::{Proxy, ProxyHandle, StartError};
 /// State shared by every session of one proxy.
 #[derive(Debug)]
 pub struct Shared {
-    pub cfg: Arc<Config>,
+    /// The configuration; swapped on SIGHUP (see `reload`).
+    pub(crate) cfg: arc_swap::ArcSwap<Config>,
     /// The users file's contents; swapped on SIGHUP.
     pub users: arc_swap::ArcSwapOption<auth::Users>,
     /// Cancelled on SIGTERM: sessions finish their transaction and leave.
@@ -48,8 +50,8 @@ pub struct Shared {
     pub statements: prepared::Registry,
     pub pause: switchover::PauseState,
     pub metrics: metrics::Metrics,
-    /// TLS towards clients, when configured.
-    pub tls: Option<tls::Tls>,
+    /// TLS towards clients, when configured; swapped on SIGHUP.
+    pub tls: arc_swap::ArcSwapOption<tls::Tls>,
     clients: AtomicUsize,
     turn: AtomicUsize,
 }
@@ -72,7 +74,7 @@ impl Shared {
     pub fn new(cfg: Arc<Config>, users: Option<auth::Users>, table: router::RoutingTable) -> Self {
         Shared {
             pools: pool::Pools::new(cfg.clone()),
-            cfg,
+            cfg: arc_swap::ArcSwap::new(cfg),
             users: arc_swap::ArcSwapOption::from(users.map(Arc::new)),
             draining: tokio_util::sync::CancellationToken::new(),
             topology: Arc::new(topology::Topology::new(table)),
@@ -81,7 +83,7 @@ impl Shared {
             statements: prepared::Registry::default(),
             pause: switchover::PauseState::default(),
             metrics: metrics::Metrics::new(),
-            tls: None,
+            tls: arc_swap::ArcSwapOption::empty(),
             clients: AtomicUsize::new(0),
             turn: AtomicUsize::new(0),
         }
@@ -92,18 +94,13 @@ impl Shared {
         let n = self.clients.fetch_add(1, Ordering::AcqRel) + 1;
         ClientGuard {
             shared: self.clone(),
-            over_limit: n > self.cfg.max_client_conn,
+            over_limit: n > self.cfg().max_client_conn,
         }
     }
 
-    /// Re-reads the users file (SIGHUP); other settings need a restart.
-    pub fn reload_users(&self) -> Result<(), auth::AuthError> {
-        if let Some(path) = &self.cfg.users_file {
-            let users = auth::Users::load(path)?;
-            self.users.store(Some(Arc::new(users)));
-            tracing::info!(path = %path.display(), "users file reloaded");
-        }
-        Ok(())
+    /// The configuration now.
+    pub fn cfg(&self) -> Arc<Config> {
+        self.cfg.load_full()
     }
 
     /// Client connections now.

@@ -89,9 +89,11 @@ impl Proxy {
             Some(_) => RoutingTable::default(),
             None => RoutingTable::from_static(&cfg.backends),
         };
-        let mut shared = Shared::new(cfg.clone(), users, table);
+        let shared = Shared::new(cfg.clone(), users, table);
         if let (Some(cert), Some(key)) = (&cfg.tls_cert_file, &cfg.tls_key_file) {
-            shared.tls = Some(crate::tls::acceptor(cert, key)?);
+            shared
+                .tls
+                .store(Some(Arc::new(crate::tls::acceptor(cert, key)?)));
         }
         let shared = Arc::new(shared);
         let bind = |addr: SocketAddr| async move {
@@ -145,7 +147,7 @@ impl Proxy {
         let (upkeep_shared, upkeep_stop) = (shared.clone(), handle.shutdown.clone());
         handle.tasks.spawn(async move {
             // Housekeeping: idle timeouts, min_idle, histogram upkeep.
-            let period = upkeep_shared.cfg.server_idle_timeout.clamp(
+            let period = upkeep_shared.cfg().server_idle_timeout.clamp(
                 std::time::Duration::from_millis(100),
                 std::time::Duration::from_secs(5),
             );

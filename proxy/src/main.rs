@@ -1,6 +1,6 @@
 //! `pgha-proxy --config FILE`: runs the proxy. SIGTERM drains (clients
 //! finish their transaction, up to `shutdown_drain_timeout`), SIGINT stops
-//! at once, SIGHUP reloads the users file.
+//! at once, SIGHUP reloads the config file (see `pgha_proxy::reload`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -38,10 +38,10 @@ fn main() -> anyhow::Result<()> {
             .enable_all()
             .build()?
     };
-    rt.block_on(run(cfg))
+    rt.block_on(run(cfg, &args.config))
 }
 
-async fn run(cfg: pgha_proxy::Config) -> anyhow::Result<()> {
+async fn run(cfg: pgha_proxy::Config, path: &std::path::Path) -> anyhow::Result<()> {
     let drain = cfg.shutdown_drain_timeout;
     let handle = pgha_proxy::Proxy::start(Arc::new(cfg)).await?;
     tracing::info!(
@@ -56,8 +56,14 @@ async fn run(cfg: pgha_proxy::Config) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = hup.recv() => {
-                if let Err(e) = handle.shared.reload_users() {
-                    tracing::error!(error = %e, "SIGHUP: reload failed; keeping the old users");
+                match pgha_proxy::reload::reload(&handle.shared, path) {
+                    Ok(r) => {
+                        tracing::info!(applied = ?r.applied, "SIGHUP: configuration reloaded");
+                        if !r.need_restart.is_empty() {
+                            tracing::warn!(keys = ?r.need_restart, "SIGHUP: these keys changed but take effect only after a restart");
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "SIGHUP: reload refused; keeping the running configuration"),
                 }
             }
             _ = term.recv() => {

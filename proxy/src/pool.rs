@@ -269,14 +269,15 @@ type PoolKey = (String, String, Arc<Backend>, Route);
 /// Every pool, by (database, user, backend, route).
 #[derive(Debug)]
 pub struct Pools {
-    cfg: Arc<Config>,
+    /// For pools made from now on; swapped by a reload.
+    cfg: arc_swap::ArcSwap<Config>,
     map: Mutex<HashMap<PoolKey, Arc<Pool>>>,
 }
 
 impl Pools {
     pub fn new(cfg: Arc<Config>) -> Pools {
         Pools {
-            cfg,
+            cfg: arc_swap::ArcSwap::new(cfg),
             map: Mutex::new(HashMap::new()),
         }
     }
@@ -299,10 +300,19 @@ impl Pools {
             backend.clone(),
             route,
             login.clone(),
-            self.cfg.clone(),
+            self.cfg.load_full(),
         ));
         map.insert(key, p.clone());
         p
+    }
+
+    /// New pools use `cfg`; with `replace`, the existing ones are retired
+    /// (idle connections close now, busy ones when given back).
+    pub fn set_config(&self, cfg: Arc<Config>, replace: bool) {
+        self.cfg.store(cfg);
+        if replace {
+            self.retire_unless(|_, _| false);
+        }
     }
 
     /// Retires every pool for which `stays(backend, route)` is false.

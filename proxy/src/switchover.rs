@@ -94,11 +94,11 @@ pub async fn on_view(shared: &Shared, view: &ClusterView, client: &Client, keys:
     shared.pause.set_switchover(wanted);
     apply(shared);
     let mut client = client.clone();
-    let ack_key = keys.proxy(&shared.cfg.id);
+    let ack_key = keys.proxy(&shared.cfg().id);
     let in_flight = match wanted {
         Some(id) => {
             tracing::info!(id, "switchover requested: paused new transactions");
-            drain(shared, shared.cfg.switchover_drain_timeout).await as u64
+            drain(shared, shared.cfg().switchover_drain_timeout).await as u64
         }
         None => 0,
     };

@@ -89,11 +89,21 @@ impl ClusterView {
 /// backends that no longer serve their route.
 pub fn publish(shared: &Shared, view: &ClusterView) {
     let current = shared.topology.load();
-    let next = view.table(
-        current.epoch + 1,
-        shared.cfg.max_replica_lag,
-        current.paused,
+    install(
+        shared,
+        view.table(
+            current.epoch + 1,
+            shared.cfg().max_replica_lag,
+            current.paused,
+        ),
     );
+}
+
+/// Swaps in `next` (its epoch one past the current table's) if its leader
+/// or replicas differ, and closes pools of backends that no longer serve
+/// their route. Used by the etcd watch and by a reload in static mode.
+pub fn install(shared: &Shared, next: crate::router::RoutingTable) {
+    let current = shared.topology.load();
     if next.leader == current.leader && next.replicas == current.replicas {
         return;
     }
@@ -103,7 +113,7 @@ pub fn publish(shared: &Shared, view: &ClusterView) {
         epoch = next.epoch,
         "routing table changed"
     );
-    let fallback = shared.cfg.ro_fallback_to_leader;
+    let fallback = shared.cfg().ro_fallback_to_leader;
     shared
         .pools
         .retire_unless(|b, route| next.still_serves(route, b, fallback));

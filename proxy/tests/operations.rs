@@ -100,6 +100,20 @@ fn the_binary_serves_admin_http_reloads_users_on_sighup_and_exits_on_sigterm() {
     .unwrap();
     assert!(psql(rw, "select 1", &[("PGPASSWORD", "first")]).is_err());
 
+    // A config file with a typo: the proxy says so and keeps serving.
+    let good = std::fs::read_to_string(&conf).unwrap();
+    std::fs::write(&conf, format!("pool_sise = 3\n{good}")).unwrap();
+    proc.signal(nix::sys::signal::Signal::SIGHUP).unwrap();
+    wait_until("the refusal logged", Duration::from_secs(10), || {
+        let log = std::fs::read_to_string(dir.join("proxy.log")).unwrap_or_default();
+        Ok((log.contains("reload refused") && log.contains("pool_sise")).then_some(()))
+    })
+    .unwrap();
+    assert_eq!(
+        psql(rw, "select 1", &[("PGPASSWORD", "second")]).unwrap(),
+        "1"
+    );
+
     proc.signal(nix::sys::signal::Signal::SIGTERM).unwrap();
     let status = proc.wait_exit(Duration::from_secs(15)).unwrap();
     assert!(status.success(), "{status:?}");
@@ -171,4 +185,79 @@ fn malformed_and_oversized_messages_get_a_protocol_error_not_a_crash() {
     );
     // The proxy still serves everyone else.
     assert_eq!(Raw::connect(p.rw()).query("select 1"), vec!["1"]);
+}
+
+/// A reload (what SIGHUP runs) applies new settings to running sessions,
+/// swaps static backends, replaces pools when their shape changes, keeps
+/// restart-only keys, and refuses a bad file without changing anything.
+#[test]
+fn reload_applies_settings_and_backends_keeps_restart_keys_and_refuses_a_bad_file() {
+    let (sb, pg1) = primary("px-reload");
+    let pg2 = pgha_local::PgInstance::primary(&sb, "pg2", &Default::default()).unwrap();
+    for (pg, name) in [(&pg1, "pg1"), (&pg2, "pg2")] {
+        pg.psql(&format!(
+            "create table whoami(n text); insert into whoami values ('{name}')"
+        ))
+        .unwrap();
+    }
+    let cfg = config(&pg1, PoolMode::Transaction);
+    let p = Running::start(cfg.clone());
+    let shared = p.handle().shared.clone();
+    let path = sb.path().join("reload.toml");
+    let reload = |c: &pgha_proxy::Config| {
+        std::fs::write(&path, toml::to_string(c).unwrap()).unwrap();
+        pgha_proxy::reload::reload(&shared, &path)
+    };
+    let client = p.rt.block_on(Running::client(p.rw()));
+    let one = |sql: &str| -> String {
+        p.rt.block_on(client.query_one(sql, &[]))
+            .unwrap()
+            .get::<_, String>(0)
+    };
+    let pid = || one("select pg_backend_pid()::text");
+    assert_eq!(one("select n from whoami"), "pg1");
+    let before = pid();
+    assert_eq!(pid(), before, "an idle pooled server is reused");
+
+    // Pool shape: the pools are replaced, the client does not notice.
+    let mut next = cfg.clone();
+    next.pool_size = 3;
+    let r = reload(&next).unwrap();
+    assert_eq!(r.applied, vec!["pool_size"]);
+    assert!(r.need_restart.is_empty());
+    assert_ne!(pid(), before, "the old pool's idle server was closed");
+
+    // New backend, client limit, and a key that needs a restart.
+    next.backends[0].port = pg2.port();
+    next.max_client_conn = 1;
+    next.listen_rw = "127.0.0.1:1".parse().unwrap();
+    let r = reload(&next).unwrap();
+    assert_eq!(r.applied, vec!["backends", "max_client_conn"]);
+    assert_eq!(r.need_restart, vec!["listen_rw"]);
+    assert_eq!(
+        shared.cfg().listen_rw,
+        cfg.listen_rw,
+        "restart keys keep their value"
+    );
+    wait_until(
+        "the session to follow the new backend",
+        Duration::from_secs(10),
+        || Ok((one("select n from whoami") == "pg2").then_some(())),
+    )
+    .unwrap();
+    let refused = psql(p.rw(), "select 1", &[]).unwrap_err();
+    assert!(refused.contains("too many clients"), "{refused}");
+
+    // A bad file changes nothing and names the key.
+    let mut bad = next.clone();
+    bad.max_client_conn = 100;
+    bad.min_idle = 10;
+    let e = reload(&bad).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("`min_idle`: cannot exceed pool_size"),
+        "{e}"
+    );
+    assert_eq!(shared.cfg().max_client_conn, 1);
+    assert_eq!(one("select n from whoami"), "pg2");
 }

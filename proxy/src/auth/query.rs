@@ -18,7 +18,8 @@ pub fn quote_literal(s: &str) -> String {
 /// The user's secret from the leader, `None` if unknown or not usable
 /// without the password (only SCRAM verifiers are).
 pub async fn lookup(shared: &Shared, user: &str) -> Result<Option<UserSecret>, AuthError> {
-    let Some(query) = shared.cfg.auth_query.as_deref() else {
+    let cfg = shared.cfg();
+    let Some(query) = cfg.auth_query.as_deref() else {
         return Ok(None);
     };
     let fail = |e: String| AuthError::Protocol(format!("auth_query: {e}"));
@@ -29,17 +30,17 @@ pub async fn lookup(shared: &Shared, user: &str) -> Result<Option<UserSecret>, A
         .clone()
         .ok_or_else(|| fail("no leader".into()))?;
     let users = shared.users.load_full();
-    let auth_user = &shared.cfg.auth_user;
+    let auth_user = &cfg.auth_user;
     let login = Login {
         user: auth_user.clone(),
-        database: shared.cfg.auth_database.clone(),
+        database: cfg.auth_database.clone(),
         password: users
             .as_deref()
             .and_then(|u| u.get(auth_user))
             .and_then(|s| s.password.clone()),
         scram_keys: None,
     };
-    let timeout = shared.cfg.server_connect_timeout;
+    let timeout = cfg.server_connect_timeout;
     let mut conn = Box::pin(ServerConn::connect(leader, &login, timeout, 1))
         .await
         .map_err(|e| fail(e.to_string()))?;

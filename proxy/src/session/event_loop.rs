@@ -96,6 +96,7 @@ impl<C: ClientIo> Session<C> {
             Ev::Server(_) => Ok(self.lose_server(server_lost())),
             Ev::Bell => {
                 st.drain_noted = self.shared.draining.is_cancelled();
+                self.cfg = self.shared.cfg();
                 Ok(self.on_topology())
             }
         }

@@ -148,6 +148,8 @@ struct Session<C> {
     client: C,
     route: Route,
     login: Login,
+    /// The configuration, refreshed when the bell rings after a reload.
+    cfg: Arc<crate::Config>,
     cancel: Registration,
     /// Rung on routing changes and drain.
     bell: Arc<Doorbell>,
@@ -168,7 +170,7 @@ struct Session<C> {
 
 impl<C: ClientIo> Session<C> {
     fn tx_mode(&self) -> bool {
-        self.shared.cfg.pool_mode == PoolMode::Transaction
+        self.cfg.pool_mode == PoolMode::Transaction
     }
 
     /// Attaches a server: an idle pooled one at once when the routing table
@@ -176,7 +178,7 @@ impl<C: ClientIo> Session<C> {
     /// so its large state does not grow every session.
     async fn attach(&mut self) -> Result<(), ClientError> {
         let table = self.shared.topology.load();
-        let fallback = self.shared.cfg.ro_fallback_to_leader;
+        let fallback = self.cfg.ro_fallback_to_leader;
         if !table.paused {
             let turn = self.shared.next_turn();
             if let Some(backend) = table.choose(self.route, turn, fallback) {
@@ -201,7 +203,7 @@ impl<C: ClientIo> Session<C> {
     /// Finds the backend for this route (waiting up to the configured bound
     /// for a leader or the end of a pause) and checks out a connection.
     async fn attach_slow(&mut self) -> Result<(), ClientError> {
-        let cfg = &self.shared.cfg;
+        let cfg = self.cfg.clone();
         let fallback = cfg.ro_fallback_to_leader;
         let route = self.route;
         let deadline = tokio::time::Instant::now() + cfg.leader_wait_timeout;
@@ -381,7 +383,7 @@ impl<C: ClientIo> Session<C> {
 
     /// Handles every whole message the client has sent.
     async fn on_client_data(&mut self) -> Result<Flow, SessionError> {
-        let max = self.shared.cfg.max_message_size;
+        let max = self.cfg.max_message_size;
         while let Some((tag, len)) = peek_frame(&self.cbuf, max)? {
             tracing::trace!(route = self.route.label(), tag = %(tag as char), len, attached = self.server.is_some(), skipping = self.skipping, "client frame");
             if tag == b'X' {
@@ -414,7 +416,7 @@ impl<C: ClientIo> Session<C> {
                 client: &mut self.out_client,
             };
             let frame = &self.cbuf[..len];
-            if self.shared.cfg.pool_mode == PoolMode::Transaction {
+            if self.cfg.pool_mode == PoolMode::Transaction {
                 let reg = &self.shared.statements;
                 forward::transaction_mode(&mut co.conn, &mut self.stmts, reg, frame, &mut out);
             } else {
@@ -431,7 +433,7 @@ impl<C: ClientIo> Session<C> {
     async fn on_server_data(&mut self) -> Result<(), SessionError> {
         if let Some(co) = self.server.as_mut() {
             let m = self.shared.metrics.route(self.route);
-            let tx = self.shared.cfg.pool_mode == PoolMode::Transaction;
+            let tx = self.cfg.pool_mode == PoolMode::Transaction;
             let conn = &mut co.conn;
             // Forwarded frames are copied in runs, not one by one.
             let (mut pos, mut run) = (0, 0);
@@ -524,7 +526,7 @@ impl<C: ClientIo> Session<C> {
     /// closed (no write ever reaches a demoted node).
     fn on_topology(&mut self) -> Flow {
         let table = self.shared.topology.load();
-        let fallback = self.shared.cfg.ro_fallback_to_leader;
+        let fallback = self.cfg.ro_fallback_to_leader;
         let stale = self
             .server
             .as_ref()

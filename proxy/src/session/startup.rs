@@ -32,7 +32,7 @@ enum Negotiated {
 /// (with a certificate) or `N`; anything else is the start of a startup
 /// packet, kept for the handshake.
 async fn negotiate(shared: &Shared, mut stream: tokio::net::TcpStream) -> Negotiated {
-    let timeout = shared.cfg.startup_timeout;
+    let timeout = shared.cfg().startup_timeout;
     let mut buf = BytesMut::with_capacity(256);
     let first8 = async {
         while buf.len() < 8 {
@@ -52,7 +52,7 @@ async fn negotiate(shared: &Shared, mut stream: tokio::net::TcpStream) -> Negoti
         return Negotiated::Plain(stream, buf);
     }
     buf.clear();
-    let Some(acceptor) = shared.tls.clone() else {
+    let Some(acceptor) = shared.tls.load_full() else {
         return match stream.write_all(b"N").await {
             Ok(()) => Negotiated::Plain(stream, buf),
             Err(_) => Negotiated::Done,
@@ -110,7 +110,7 @@ pub async fn serve<C>(
     C: ClientIo,
 {
     let guard = shared.client_enter();
-    let timeout = shared.cfg.startup_timeout;
+    let timeout = shared.cfg().startup_timeout;
     let over = guard.over_limit;
     // Boxed: the handshake's state is large and short-lived; it must not
     // inflate every idle client's task.
@@ -170,7 +170,7 @@ impl<C: ClientIo> Session<C> {
     async fn startup_params(&mut self) -> Result<(), ClientError> {
         if self.tx_mode() {
             let table = self.shared.topology.load();
-            let fallback = self.shared.cfg.ro_fallback_to_leader;
+            let fallback = self.shared.cfg().ro_fallback_to_leader;
             let turn = self.shared.next_turn();
             if let Some(b) = table
                 .choose(self.route, turn, fallback)
@@ -204,10 +204,10 @@ async fn client_login<C: ClientIo>(
     buf: &mut BytesMut,
     user: &str,
 ) -> Option<Credentials> {
-    let method = shared.cfg.auth_method;
+    let method = shared.cfg().auth_method;
     let users = shared.users.load_full();
     let mut secret = users.as_deref().and_then(|u| u.get(user)).cloned();
-    if secret.is_none() && shared.cfg.auth_query.is_some() && method != AuthMethod::Trust {
+    if secret.is_none() && shared.cfg().auth_query.is_some() && method != AuthMethod::Trust {
         secret = match auth::query::lookup(shared, user).await {
             Ok(s) => s,
             Err(e) => {
@@ -272,6 +272,7 @@ where
     let cancel = shared.cancels.register();
     let key = cancel.key;
     let mut s = Session {
+        cfg: shared.cfg(),
         shared: shared.clone(),
         client,
         route,
