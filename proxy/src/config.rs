@@ -40,7 +40,9 @@ pub const RESTART_KEYS: [&str; 7] = [
 
 /// Keys that shape server connections: a reload that changes one replaces
 /// the pools (idle connections close now, busy ones when released).
-pub const POOL_KEYS: [&str; 6] = [
+pub const POOL_KEYS: [&str; 8] = [
+    "server_tls_mode",
+    "server_tls_ca_file",
     "pool_size",
     "min_idle",
     "server_idle_timeout",
@@ -69,6 +71,21 @@ pub enum AuthMethod {
     Md5,
     /// Anyone named in the users file (or anyone, without one) is let in.
     Trust,
+}
+
+/// TLS towards the PostgreSQL servers, as libpq's `sslmode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServerTlsMode {
+    /// Plain TCP.
+    Disable,
+    /// TLS when the server offers it, else plain.
+    Prefer,
+    /// TLS or no connection; the certificate is not checked.
+    Require,
+    /// TLS with a certificate signed by `server_tls_ca_file` for the
+    /// backend's host name or address.
+    VerifyFull,
 }
 
 /// Role of a static backend.
@@ -192,6 +209,12 @@ pub struct Config {
     pub tls_cert_file: Option<PathBuf>,
     /// PEM private key for `tls_cert_file`.
     pub tls_key_file: Option<PathBuf>,
+    /// TLS to the servers: `disable`, `prefer`, `require`, `verify-full`.
+    /// Default `disable`.
+    pub server_tls_mode: ServerTlsMode,
+    /// PEM CA certificates that sign the servers' certificates; required
+    /// by `verify-full`. Default none.
+    pub server_tls_ca_file: Option<PathBuf>,
     /// Static backends (no etcd).
     pub backends: Vec<StaticBackend>,
     /// etcd topology; mutually exclusive with `backends`.
@@ -230,6 +253,8 @@ impl Default for Config {
             auth_database: "postgres".into(),
             tls_cert_file: None,
             tls_key_file: None,
+            server_tls_mode: ServerTlsMode::Disable,
+            server_tls_ca_file: None,
             backends: Vec::new(),
             etcd: None,
         }
@@ -246,9 +271,14 @@ impl Config {
         })?;
         let mut c = Config::parse(&text)?;
         if let Some(dir) = path.parent() {
-            for f in [&mut c.users_file, &mut c.tls_cert_file, &mut c.tls_key_file]
-                .into_iter()
-                .flatten()
+            for f in [
+                &mut c.users_file,
+                &mut c.tls_cert_file,
+                &mut c.tls_key_file,
+                &mut c.server_tls_ca_file,
+            ]
+            .into_iter()
+            .flatten()
             {
                 if f.is_relative() {
                     *f = dir.join(&*f);
@@ -315,6 +345,12 @@ impl Config {
             return err(
                 "tls_cert_file",
                 "tls_cert_file and tls_key_file go together",
+            );
+        }
+        if self.server_tls_mode == ServerTlsMode::VerifyFull && self.server_tls_ca_file.is_none() {
+            return err(
+                "server_tls_ca_file",
+                "is required by server_tls_mode = \"verify-full\"",
             );
         }
         if pgha_cluster::validate_name(&self.id).is_err() {

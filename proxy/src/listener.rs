@@ -90,6 +90,9 @@ impl Proxy {
             None => RoutingTable::from_static(&cfg.backends),
         };
         let shared = Shared::new(cfg.clone(), users, table);
+        shared
+            .pools
+            .set_config(cfg.clone(), crate::tls::server_tls(&cfg)?, false);
         if let (Some(cert), Some(key)) = (&cfg.tls_cert_file, &cfg.tls_key_file) {
             shared
                 .tls

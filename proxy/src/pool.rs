@@ -16,7 +16,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::Config;
 use crate::router::{Backend, Route};
-use crate::server::{Login, Params, ServerConn, ServerError};
+use crate::server::{ConnectOpts, Login, Params, ServerConn, ServerError};
+use crate::tls::ServerTls;
 
 /// Why no server connection was handed out.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +60,7 @@ pub struct Pool {
     pub route: Route,
     login: Login,
     cfg: Arc<Config>,
+    connect: ConnectOpts,
     idle: Mutex<Vec<ServerConn>>,
     slots: Arc<Semaphore>,
     /// Set when the backend lost its role: nothing is reused any more.
@@ -80,8 +82,19 @@ pub struct Checkout {
 }
 
 impl Pool {
-    fn new(backend: Arc<Backend>, route: Route, login: Login, cfg: Arc<Config>) -> Pool {
+    fn new(
+        backend: Arc<Backend>,
+        route: Route,
+        login: Login,
+        cfg: Arc<Config>,
+        tls: Option<Arc<ServerTls>>,
+    ) -> Pool {
         Pool {
+            connect: ConnectOpts {
+                timeout: cfg.server_connect_timeout,
+                cache_size: cfg.prepared_cache_size,
+                tls,
+            },
             route,
             slots: Arc::new(Semaphore::new(cfg.pool_size)),
             backend,
@@ -134,8 +147,7 @@ impl Pool {
         if idle < Duration::from_secs(1) {
             return true;
         }
-        let mut probe = [0u8; 1];
-        matches!(c.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        !c.stream.has_unread_input()
     }
 
     /// An idle pooled connection, if one is free right now (no waiting,
@@ -185,8 +197,7 @@ impl Pool {
                 let c = Box::pin(ServerConn::connect(
                     self.backend.clone(),
                     &self.login,
-                    self.cfg.server_connect_timeout,
-                    self.cfg.prepared_cache_size,
+                    &self.connect,
                 ))
                 .await?;
                 *lock(&self.params) = Some(c.params.clone());
@@ -237,8 +248,7 @@ impl Pool {
             let connected = Box::pin(ServerConn::connect(
                 self.backend.clone(),
                 &self.login,
-                self.cfg.server_connect_timeout,
-                self.cfg.prepared_cache_size,
+                &self.connect,
             ))
             .await;
             drop(slot);
@@ -271,6 +281,7 @@ type PoolKey = (String, String, Arc<Backend>, Route);
 pub struct Pools {
     /// For pools made from now on; swapped by a reload.
     cfg: arc_swap::ArcSwap<Config>,
+    server_tls: arc_swap::ArcSwapOption<ServerTls>,
     map: Mutex<HashMap<PoolKey, Arc<Pool>>>,
 }
 
@@ -278,6 +289,7 @@ impl Pools {
     pub fn new(cfg: Arc<Config>) -> Pools {
         Pools {
             cfg: arc_swap::ArcSwap::new(cfg),
+            server_tls: arc_swap::ArcSwapOption::empty(),
             map: Mutex::new(HashMap::new()),
         }
     }
@@ -301,6 +313,7 @@ impl Pools {
             route,
             login.clone(),
             self.cfg.load_full(),
+            self.server_tls.load_full(),
         ));
         map.insert(key, p.clone());
         p
@@ -308,10 +321,20 @@ impl Pools {
 
     /// New pools use `cfg`; with `replace`, the existing ones are retired
     /// (idle connections close now, busy ones when given back).
-    pub fn set_config(&self, cfg: Arc<Config>, replace: bool) {
+    pub fn set_config(&self, cfg: Arc<Config>, server_tls: Option<Arc<ServerTls>>, replace: bool) {
         self.cfg.store(cfg);
+        self.server_tls.store(server_tls);
         if replace {
             self.retire_unless(|_, _| false);
+        }
+    }
+
+    /// How the proxy's own connections (auth_query) are made.
+    pub fn connect_opts(&self) -> ConnectOpts {
+        ConnectOpts {
+            timeout: self.cfg.load().server_connect_timeout,
+            cache_size: 1,
+            tls: self.server_tls.load_full(),
         }
     }
 

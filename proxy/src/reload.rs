@@ -55,13 +55,16 @@ pub fn reload(shared: &Shared, path: &Path) -> Result<Reloaded, ReloadError> {
         (Some(cert), Some(key)) => Some(Arc::new(tls::acceptor(cert, key)?)),
         _ => None,
     };
+    let server_tls = tls::server_tls(&new)?;
 
     let new = Arc::new(new);
     shared.users.store(users.map(Arc::new));
     shared.tls.store(tls);
     shared.cfg.store(new.clone());
     let replace_pools = applied.iter().any(|k| POOL_KEYS.contains(&k.as_str()));
-    shared.pools.set_config(new.clone(), replace_pools);
+    shared
+        .pools
+        .set_config(new.clone(), server_tls, replace_pools);
     if new.etcd.is_none() && applied.iter().any(|k| k == "backends") {
         let current = shared.topology.load();
         let mut table = RoutingTable::from_static(&new.backends);

@@ -7,18 +7,22 @@
 //! this module only runs the proxy's own little conversations. May call:
 //! `protocol`, `tracker`, `prepared`, tokio networking.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
+use crate::config::ServerTlsMode;
 use crate::prepared::ServerCache;
 use crate::protocol::messages::{self as msg, ErrorFields};
 use crate::protocol::{split_frame, Frame, ProtocolError};
 use crate::router::Backend;
+use crate::tls::ServerTls;
 use crate::tracker::Tracker;
 
 /// Messages from a server larger than this are refused during login.
@@ -46,6 +50,8 @@ pub enum ServerError {
     Protocol(String),
     #[error("server closed the connection")]
     Closed,
+    #[error("TLS to {backend}: {reason}")]
+    Tls { backend: String, reason: String },
 }
 
 impl From<ProtocolError> for ServerError {
@@ -101,10 +107,123 @@ impl std::fmt::Debug for ScramClient {
     }
 }
 
+/// The byte stream to a server: plain TCP or TLS over it.
+#[derive(Debug)]
+pub enum ServerStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl ServerStream {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            ServerStream::Plain(s) => s,
+            ServerStream::Tls(s) => s.get_ref().0,
+        }
+    }
+
+    /// Whether the server sent something (or closed) while nobody was
+    /// reading: an idle pooled connection that did is not reused. Looks
+    /// at the socket without consuming, so it works under TLS too.
+    pub fn has_unread_input(&self) -> bool {
+        let mut probe = [0u8; 1];
+        let mut buf = ReadBuf::new(&mut probe);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        !matches!(self.tcp().poll_peek(&mut cx, &mut buf), Poll::Pending)
+    }
+}
+
+impl AsyncRead for ServerStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ServerStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            ServerStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ServerStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            ServerStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            ServerStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ServerStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            ServerStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ServerStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            ServerStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Asks the server for TLS (SSLRequest) and runs the handshake; a server
+/// that declines is used in plain text only under `prefer`.
+async fn negotiate_tls(
+    mut tcp: TcpStream,
+    backend: &Backend,
+    tls: &ServerTls,
+) -> Result<ServerStream, ServerError> {
+    let fail = |reason: String| ServerError::Tls {
+        backend: backend.name.clone(),
+        reason,
+    };
+    let mut req = BytesMut::new();
+    req.extend_from_slice(&8i32.to_be_bytes());
+    req.extend_from_slice(&crate::protocol::SSL_REQUEST_CODE.to_be_bytes());
+    tcp.write_all(&req).await?;
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await?;
+    match answer[0] {
+        b'S' => {}
+        b'N' if tls.mode == ServerTlsMode::Prefer => return Ok(ServerStream::Plain(tcp)),
+        b'N' => return Err(fail("the server does not accept TLS".into())),
+        other => {
+            return Err(fail(format!(
+                "unexpected answer {other:#04x} to SSLRequest"
+            )))
+        }
+    }
+    let name = rustls::pki_types::ServerName::try_from(backend.host.clone())
+        .map_err(|e| fail(format!("host {:?}: {e}", backend.host)))?;
+    let stream = tls
+        .connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    Ok(ServerStream::Tls(Box::new(stream)))
+}
+
+/// How new server connections are made.
+#[derive(Debug, Clone)]
+pub struct ConnectOpts {
+    /// Connecting, TLS and login together.
+    pub timeout: Duration,
+    /// Prepared statements kept (transaction mode).
+    pub cache_size: usize,
+    pub tls: Option<Arc<ServerTls>>,
+}
+
 /// A logged-in server connection.
 #[derive(Debug)]
 pub struct ServerConn {
-    pub stream: TcpStream,
+    pub stream: ServerStream,
     /// Bytes read from the server not yet handled.
     pub rbuf: BytesMut,
     pub backend: Arc<Backend>,
@@ -127,26 +246,30 @@ impl ServerConn {
     pub async fn connect(
         backend: Arc<Backend>,
         login: &Login,
-        timeout: Duration,
-        cache_size: usize,
+        opts: &ConnectOpts,
     ) -> Result<ServerConn, ServerError> {
-        tokio::time::timeout(timeout, Self::connect_inner(backend, login, cache_size))
+        tokio::time::timeout(opts.timeout, Self::connect_inner(backend, login, opts))
             .await
-            .map_err(|_| ServerError::Timeout(timeout))?
+            .map_err(|_| ServerError::Timeout(opts.timeout))?
     }
 
     async fn connect_inner(
         backend: Arc<Backend>,
         login: &Login,
-        cache_size: usize,
+        opts: &ConnectOpts,
     ) -> Result<ServerConn, ServerError> {
-        let stream = TcpStream::connect((backend.host.as_str(), backend.port))
+        let tcp = TcpStream::connect((backend.host.as_str(), backend.port))
             .await
             .map_err(|source| ServerError::Connect {
                 backend: backend.name.clone(),
                 source,
             })?;
-        let _ = stream.set_nodelay(true);
+        let _ = tcp.set_nodelay(true);
+        let stream = match &opts.tls {
+            Some(tls) => negotiate_tls(tcp, &backend, tls).await?,
+            None => ServerStream::Plain(tcp),
+        };
+        let cache_size = opts.cache_size;
         let mut conn = ServerConn {
             stream,
             rbuf: BytesMut::with_capacity(8192),

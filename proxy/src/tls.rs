@@ -1,5 +1,8 @@
-//! TLS towards clients (rustls): loads the certificate and key named in
-//! the config and answers SSLRequest with `S` when configured.
+//! TLS (rustls): towards clients, the certificate and key named in the
+//! config answer SSLRequest with `S`; towards servers, `server_tls_mode`
+//! as libpq's sslmode (`require` encrypts without checking the
+//! certificate, `verify-full` checks it against `server_tls_ca_file` and
+//! the backend's host).
 //!
 //! SCRAM channel binding (`-PLUS`) is not offered: the proxy terminates TLS
 //! and talks to servers on its own connections. May call: `rustls`,
@@ -8,7 +11,13 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use tokio_rustls::TlsAcceptor;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use crate::config::{Config, ServerTlsMode};
 
 /// The certificate or key cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -32,21 +41,28 @@ fn open(path: &Path) -> Result<std::io::BufReader<std::fs::File>, TlsError> {
     Ok(std::io::BufReader::new(f))
 }
 
-/// A TLS acceptor for the certificate chain and private key in PEM files.
-pub fn acceptor(cert: &Path, key: &Path) -> Result<Tls, TlsError> {
-    let read_err = |path: &Path| {
-        let path = path.display().to_string();
-        move |source| TlsError::Read { path, source }
-    };
-    let certs = rustls_pemfile::certs(&mut open(cert)?)
+fn read_err(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError {
+    let path = path.display().to_string();
+    move |source| TlsError::Read { path, source }
+}
+
+/// The certificates in a PEM file (at least one).
+fn pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = rustls_pemfile::certs(&mut open(path)?)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(read_err(cert))?;
+        .map_err(read_err(path))?;
     if certs.is_empty() {
         return Err(TlsError::Empty {
-            path: cert.display().to_string(),
+            path: path.display().to_string(),
             what: "certificate",
         });
     }
+    Ok(certs)
+}
+
+/// A TLS acceptor for the certificate chain and private key in PEM files.
+pub fn acceptor(cert: &Path, key: &Path) -> Result<Tls, TlsError> {
+    let certs = pem_certs(cert)?;
     let key_der = rustls_pemfile::private_key(&mut open(key)?)
         .map_err(read_err(key))?
         .ok_or_else(|| TlsError::Empty {
@@ -68,5 +84,100 @@ pub struct Tls(pub TlsAcceptor);
 impl std::fmt::Debug for Tls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Tls(..)")
+    }
+}
+
+/// How to reach the servers over TLS.
+#[derive(Clone)]
+pub struct ServerTls {
+    pub mode: ServerTlsMode,
+    pub connector: TlsConnector,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ServerTls({:?})", self.mode)
+    }
+}
+
+/// The connector for `server_tls_mode`; `None` for `disable`.
+pub fn server_tls(cfg: &Config) -> Result<Option<Arc<ServerTls>>, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
+    let config = match (cfg.server_tls_mode, &cfg.server_tls_ca_file) {
+        (ServerTlsMode::Disable, _) => return Ok(None),
+        (ServerTlsMode::VerifyFull, Some(ca)) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in pem_certs(ca)? {
+                roots.add(c)?;
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+        (ServerTlsMode::VerifyFull, None) => {
+            return Err(TlsError::Empty {
+                path: "server_tls_ca_file".into(),
+                what: "CA file (required by verify-full)",
+            })
+        }
+        (ServerTlsMode::Prefer | ServerTlsMode::Require, _) => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+            .with_no_client_auth(),
+    };
+    Ok(Some(Arc::new(ServerTls {
+        mode: cfg.server_tls_mode,
+        connector: TlsConnector::from(Arc::new(config)),
+    })))
+}
+
+/// libpq's `sslmode=require`: any certificate is accepted (encryption
+/// without authentication of the server), but the handshake's signatures
+/// are still checked.
+#[derive(Debug)]
+struct AnyCertificate(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
     }
 }

@@ -1,12 +1,15 @@
 //! TLS towards clients: psql with sslmode=require and verify-full against a
-//! certificate signed by a test CA; plain clients still work.
+//! certificate signed by a test CA; plain clients still work. TLS towards
+//! servers: each `server_tls_mode` against a server that refuses plain
+//! connections and one without TLS.
 
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
 use common::{config, primary, psql, Running};
-use pgha_proxy::config::PoolMode;
+use pgha_local::{PgInstance, PgOptions, RunAs, Sandbox};
+use pgha_proxy::config::{PoolMode, ServerTlsMode};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
 
 /// Writes ca.pem, server.pem and server.key into `dir`.
@@ -72,5 +75,69 @@ fn without_a_certificate_ssl_is_refused_and_plain_clients_work() {
     assert_eq!(
         psql(p.rw(), "select 1", &[("PGSSLMODE", "prefer")]).unwrap(),
         "1"
+    );
+}
+
+#[test]
+fn servers_are_reached_over_tls_as_server_tls_mode_says() {
+    let sb = Sandbox::new("px-server-tls").unwrap();
+    let certs = sb.subdir("certs").unwrap();
+    certificates(&certs);
+    let key = certs.join("server.key");
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    RunAs::for_postgres().unwrap().own(&certs).unwrap();
+    let opts = PgOptions::default()
+        .set("ssl", "on")
+        .set(
+            "ssl_cert_file",
+            &format!("'{}'", certs.join("server.pem").display()),
+        )
+        .set("ssl_key_file", &format!("'{}'", key.display()));
+    let pg = PgInstance::primary(&sb, "tls", &opts).unwrap();
+    // From now on the server refuses plain TCP connections.
+    let hba = pg.data_dir().join("pg_hba.conf");
+    let rules = std::fs::read_to_string(&hba).unwrap();
+    std::fs::write(&hba, format!("hostnossl all all all reject\n{rules}")).unwrap();
+    assert_eq!(pg.psql("select pg_reload_conf()").unwrap(), "t");
+    let plain = PgInstance::primary(&sb, "plain", &PgOptions::default()).unwrap();
+
+    let ssl_of_backend = "select ssl from pg_stat_ssl where pid = pg_backend_pid()";
+    let through = |pg: &PgInstance, mode: ServerTlsMode, host: &str| {
+        let mut cfg = config(pg, PoolMode::Transaction);
+        cfg.server_tls_mode = mode;
+        cfg.server_tls_ca_file = Some(certs.join("ca.pem"));
+        cfg.backends[0].host = host.into();
+        let p = Running::start(cfg);
+        psql(p.rw(), ssl_of_backend, &[])
+    };
+    for mode in [ServerTlsMode::Prefer, ServerTlsMode::Require] {
+        assert_eq!(through(&pg, mode, "127.0.0.1").unwrap(), "t", "{mode:?}");
+    }
+    // verify-full: the certificate names localhost, signed by the test CA.
+    assert_eq!(
+        through(&pg, ServerTlsMode::VerifyFull, "localhost").unwrap(),
+        "t"
+    );
+    let wrong_name = through(&pg, ServerTlsMode::VerifyFull, "127.0.0.1").unwrap_err();
+    assert!(
+        wrong_name.contains("cannot connect to the database server"),
+        "{wrong_name}"
+    );
+    // Plain TCP is refused by this server.
+    let refused = through(&pg, ServerTlsMode::Disable, "127.0.0.1").unwrap_err();
+    assert!(
+        refused.contains("cannot connect to the database server"),
+        "{refused}"
+    );
+
+    // A server without TLS: prefer falls back to plain, require refuses.
+    assert_eq!(
+        through(&plain, ServerTlsMode::Prefer, "127.0.0.1").unwrap(),
+        "f"
+    );
+    let no_tls = through(&plain, ServerTlsMode::Require, "127.0.0.1").unwrap_err();
+    assert!(
+        no_tls.contains("cannot connect to the database server"),
+        "{no_tls}"
     );
 }

@@ -40,8 +40,8 @@ pub async fn lookup(shared: &Shared, user: &str) -> Result<Option<UserSecret>, A
             .and_then(|s| s.password.clone()),
         scram_keys: None,
     };
-    let timeout = cfg.server_connect_timeout;
-    let mut conn = Box::pin(ServerConn::connect(leader, &login, timeout, 1))
+    let opts = shared.pools.connect_opts();
+    let mut conn = Box::pin(ServerConn::connect(leader, &login, &opts))
         .await
         .map_err(|e| fail(e.to_string()))?;
     let sql = query.replace("$1", &quote_literal(user));
