@@ -25,6 +25,7 @@ pub mod switchover;
 pub mod tls;
 pub mod topology;
 pub mod tracker;
+pub mod vars;
 pub mod watch;
 
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -105,6 +105,8 @@ pub struct Metrics {
     pub routing_changes: Counter,
     pub bytes_in: Counter,
     pub bytes_out: Counter,
+    /// Hidden SETs sent to give a server a client's session settings.
+    pub settings_synced: Counter,
     errors: Vec<Counter>,
     clients: Gauge,
 }
@@ -125,6 +127,9 @@ impl Metrics {
     pub fn new() -> Metrics {
         let recorder = PrometheusBuilder::new().build_recorder();
         let handle = recorder.handle();
+        let settings_synced = metrics::with_local_recorder(&recorder, || {
+            metrics::counter!("pgha_proxy_session_settings_synced_total")
+        });
         let (rw, ro, routing_changes, bytes_in, bytes_out, errors, clients) =
             metrics::with_local_recorder(&recorder, || {
                 let route = |r: &'static str| RouteMetrics {
@@ -153,6 +158,7 @@ impl Metrics {
             routing_changes,
             bytes_in,
             bytes_out,
+            settings_synced,
             errors,
             clients,
         }

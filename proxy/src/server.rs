@@ -24,6 +24,7 @@ use crate::protocol::{split_frame, Frame, ProtocolError};
 use crate::router::Backend;
 use crate::tls::ServerTls;
 use crate::tracker::Tracker;
+use crate::vars::Vars;
 
 /// Messages from a server larger than this are refused during login.
 const MAX_LOGIN_MESSAGE: usize = 1 << 20;
@@ -230,6 +231,8 @@ pub struct ServerConn {
     /// ParameterStatus values the server reported at login (updated as it
     /// reports changes).
     pub params: Params,
+    /// The tracked session settings as the server last reported them.
+    pub vars: Vars,
     /// The server's BackendKeyData, for cancel requests.
     pub key: (i32, i32),
     pub in_recovery: bool,
@@ -275,6 +278,7 @@ impl ServerConn {
             rbuf: BytesMut::with_capacity(8192),
             backend,
             params: Arc::new(ParamSet::default()),
+            vars: Vars::default(),
             key: (0, 0),
             in_recovery: true,
             created: Instant::now(),
@@ -337,6 +341,8 @@ impl ServerConn {
                 }
                 b'E' => return Err(rejected(f.body())),
                 b'Z' => {
+                    self.vars =
+                        Vars::from_params(params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
                     self.params = Arc::new(ParamSet::new(params));
                     return Ok(());
                 }
@@ -435,6 +441,12 @@ impl ServerConn {
             match f.tag() {
                 b'D' => rows.push(columns(f.body()).unwrap_or_default()),
                 b'E' => error = Some(rejected(f.body())),
+                // DISCARD ALL reports the settings it reset.
+                b'S' => {
+                    if let Some((k, v)) = msg::parameter_status(f.body()) {
+                        self.vars.set(k, v);
+                    }
+                }
                 b'Z' => {
                     if let Some(s) = msg::ready_status(f.body()) {
                         self.tracker = Tracker::default();

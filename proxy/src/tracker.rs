@@ -31,6 +31,10 @@ pub enum Pending {
     Sync,
     /// Simple Query or FunctionCall: everything up to ReadyForQuery.
     Query,
+    /// A simple Query the proxy sent itself (session settings, see
+    /// `vars`): its replies up to and including ReadyForQuery are not
+    /// forwarded, ParameterStatus excepted.
+    HiddenQuery,
     /// A reply the proxy gives itself (`1` or `3`) when it reaches the front.
     Fake(u8),
 }
@@ -119,7 +123,7 @@ impl Tracker {
     pub fn push(&mut self, p: Pending) -> Vec<u8> {
         match &p {
             Pending::Sync => self.unsynced = false,
-            Pending::Query => {}
+            Pending::Query | Pending::HiddenQuery => {}
             Pending::Fake(_) => {
                 self.fakes += 1;
                 self.unsynced = true;
@@ -161,6 +165,19 @@ impl Tracker {
     /// Accounts for one server message; fake replies due after it are
     /// appended to `fakes`.
     pub fn server_message(&mut self, tag: u8, body: &[u8], fakes: &mut Vec<u8>) -> Verdict {
+        if let Some(Pending::HiddenQuery) = self.queue.front() {
+            if tag == b'Z' {
+                if let Some(s) = crate::protocol::messages::ready_status(body) {
+                    self.status = s;
+                }
+                self.pop_front();
+                fakes.extend(self.drain_fakes());
+            }
+            return Verdict {
+                forward: tag == b'S',
+                unprepared: Vec::new(),
+            };
+        }
         let mut v = Verdict {
             forward: true,
             unprepared: Vec::new(),
@@ -207,6 +224,26 @@ impl Tracker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hidden_query_is_answered_to_nobody_but_its_parameter_status() {
+        let mut t = Tracker::default();
+        t.push(Pending::HiddenQuery);
+        t.client_message(b'Q');
+        let (fwd, _) = reply(
+            &mut t,
+            &[
+                (b'C', b"SET\0"),
+                (b'S', b"TimeZone\0UTC\0"),
+                (b'Z', b"I"),
+                (b'T', b""),
+                (b'C', b"SELECT 1\0"),
+                (b'Z', b"I"),
+            ],
+        );
+        assert_eq!(fwd, vec![false, true, false, true, true, true]);
+        assert!(t.is_free());
+    }
 
     fn reply(t: &mut Tracker, msgs: &[(u8, &[u8])]) -> (Vec<bool>, Vec<u8>) {
         let mut fakes = Vec::new();

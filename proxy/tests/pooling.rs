@@ -376,3 +376,77 @@ fn auth_query_users_log_in_with_scram_and_reach_servers_without_a_stored_passwor
         "{err}"
     );
 }
+
+/// Transaction mode hands each transaction whichever server is free; the
+/// client's session settings (its startup application_name, a SET
+/// TimeZone) go with it, and another client never sees them.
+#[test]
+fn session_settings_follow_each_client_across_server_connections() {
+    let (_sb, pg) = primary("px-vars");
+    let mut cfg = config(&pg, PoolMode::Transaction);
+    cfg.pool_size = 2;
+    let p = Running::start(cfg);
+    let default_tz = pg.psql("show timezone").unwrap();
+    assert_ne!(default_tz, "Asia/Tokyo");
+    let connect = |name: &str| {
+        let mut c = tokio_postgres::Config::new();
+        c.host("127.0.0.1")
+            .port(p.rw())
+            .user("postgres")
+            .dbname("postgres")
+            .application_name(name);
+        p.rt.block_on(async {
+            let (client, conn) = c.connect(tokio_postgres::NoTls).await.unwrap();
+            tokio::spawn(conn);
+            client
+        })
+    };
+    let (a, b) = (connect("app-a"), connect("app-b"));
+    let one = |c: &tokio_postgres::Client, sql: &str| -> String {
+        let rows =
+            p.rt.block_on(c.simple_query(sql))
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        rows.iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+                _ => None,
+            })
+            .unwrap_or_default()
+    };
+
+    one(&a, "set timezone = 'Asia/Tokyo'");
+    // B takes the server A just used (the most recently idle) and keeps it.
+    one(&b, "begin");
+    assert_eq!(one(&b, "show timezone"), default_tz, "A's SET leaked to B");
+    // A runs on the other server, which must be given A's setting.
+    assert_eq!(one(&a, "show timezone"), "Asia/Tokyo");
+    one(&b, "commit");
+    assert_eq!(
+        one(&a, "select current_setting('application_name')"),
+        "app-a"
+    );
+    assert_eq!(
+        one(&b, "select current_setting('application_name')"),
+        "app-b"
+    );
+    assert_eq!(one(&a, "show timezone"), "Asia/Tokyo");
+    assert_eq!(one(&b, "show timezone"), default_tz);
+
+    // Settled: a server that already agrees with the client gets no SET.
+    let shared = p.handle().shared.clone();
+    let synced = || -> u64 {
+        let text = shared.metrics.render(&shared);
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("pgha_proxy_session_settings_synced_total"))
+            .unwrap_or_else(|| panic!("no settings counter in {text}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    one(&a, "select 1"); // B ran last on the server A gets back
+    let before = synced();
+    assert!(before >= 3, "the SETs above were counted: {before}");
+    for _ in 0..20 {
+        one(&a, "select 1");
+    }
+    assert_eq!(synced(), before, "no SET for a server that agrees");
+}

@@ -25,6 +25,8 @@ use crate::protocol::messages as msg;
 use crate::protocol::{peek_frame, ProtocolError};
 use crate::router::{Backend, Route};
 use crate::server::{Login, Params};
+use crate::tracker::Pending;
+use crate::vars::Vars;
 use crate::Shared;
 use forward::{ClientStatements, Out};
 
@@ -150,6 +152,9 @@ struct Session<C> {
     login: Login,
     /// The configuration, refreshed when the bell rings after a reload.
     cfg: Arc<crate::Config>,
+    /// The session settings this client wants (see `vars`): what it was
+    /// told at startup, its own startup values, and what it SET since.
+    vars: Vars,
     cancel: Registration,
     /// Rung on routing changes and drain.
     bell: Arc<Doorbell>,
@@ -308,10 +313,22 @@ impl<C: ClientIo> Session<C> {
         }
         if self.told.list.is_empty() {
             self.out_client.extend_from_slice(&params.wire);
+            // The client's own startup values win, and it is told so.
+            let mut vars =
+                Vars::from_params(params.list.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+            for (k, v) in self.vars.iter() {
+                msg::put_parameter_status(&mut self.out_client, k, v);
+            }
+            vars.update(&self.vars);
+            self.vars = vars;
             self.told = params.clone();
             return;
         }
         for (k, v) in params.list.iter() {
+            // The server is given the client's values of these instead.
+            if Vars::is_tracked(k) {
+                continue;
+            }
             let known = self
                 .told
                 .list
@@ -323,6 +340,21 @@ impl<C: ClientIo> Session<C> {
             }
         }
         self.told = params.clone();
+    }
+
+    /// Before the client's first message on a server, sets the session
+    /// settings where the server differs from what the client wants.
+    fn sync_vars(&mut self) {
+        let Some(co) = self.server.as_mut() else {
+            return;
+        };
+        if let Some(sql) = self.vars.set_sql(&co.conn.vars) {
+            tracing::trace!(sql, "syncing session settings");
+            self.shared.metrics.settings_synced.increment(1);
+            msg::put_query(&mut self.out_server, &sql);
+            let fakes = co.conn.tracker.push(Pending::HiddenQuery);
+            forward::put_fake_replies(&mut self.out_client, fakes);
+        }
     }
 
     /// Gives the server back (clean) or closes it.
@@ -407,6 +439,7 @@ impl<C: ClientIo> Session<C> {
                     self.cbuf.advance(len);
                     continue;
                 }
+                self.sync_vars();
             }
             let Some(co) = self.server.as_mut() else {
                 continue;
@@ -440,6 +473,14 @@ impl<C: ClientIo> Session<C> {
             while let Some((_, len)) = peek_frame(&conn.rbuf[pos..], MAX_SERVER_MESSAGE)? {
                 let frame = &conn.rbuf[pos..pos + len];
                 let step = forward::server_frame(&mut conn.tracker, &mut conn.prepared, frame);
+                if frame[0] == b'S' {
+                    if let Some((k, v)) = msg::parameter_status(&frame[5..]) {
+                        conn.vars.set(k, v);
+                        if step.forward {
+                            self.vars.set(k, v);
+                        }
+                    }
+                }
                 tracing::trace!(route = self.route.label(), tag = %(frame[0] as char), forward = step.forward, fakes = ?step.fakes, "server frame");
                 if step.stale_plan {
                     // Same statement text maps to the same server name: a

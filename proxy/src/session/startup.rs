@@ -3,8 +3,9 @@
 //! client limit, authentication, and the parameters of the node that will
 //! serve it. Bounded by `startup_timeout` so slow clients cannot hold a slot.
 //!
-//! Client-supplied startup options (application_name, options, ...) are not
-//! replayed on pooled servers. May call: `auth`, `cancel`, the session.
+//! The tracked settings a client sends in its startup packet (TimeZone,
+//! DateStyle, application_name... see `vars`) are set on every server it
+//! uses; other startup options (`options`, ...) are not replayed. May call: `auth`, `cancel`, the session.
 
 use std::sync::Arc;
 
@@ -187,6 +188,10 @@ impl<C: ClientIo> Session<C> {
         self.attach().await?;
         if self.tx_mode() {
             self.release();
+        } else {
+            // Session mode keeps this server: it gets the client's settings
+            // ahead of the client's first message.
+            self.sync_vars();
         }
         Ok(())
     }
@@ -282,6 +287,9 @@ where
             password,
             scram_keys,
         },
+        vars: crate::vars::Vars::from_params(
+            params.params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        ),
         cancel,
         bell,
         // Buffers grow on first use; an idle client holds none.

@@ -1,0 +1,129 @@
+//! Session settings carried across server connections, as PgBouncer's
+//! varcache: the parameters a server reports with ParameterStatus that a
+//! client sets in its startup packet or with `SET` (time zone, date style,
+//! encoding, application name...). In transaction mode a client runs each
+//! transaction on whichever server is free; before its first message
+//! there, the proxy sets what differs, in a Query whose replies the
+//! client never sees (ParameterStatus excepted: the client may always
+//! learn a server's canonical spelling of its own value).
+//!
+//! Pure code: the session keeps the client's wanted values, each server
+//! connection what its server last reported. May call: nothing.
+
+/// The tracked parameters, as servers spell them in ParameterStatus.
+pub const TRACKED: [&str; 6] = [
+    "application_name",
+    "client_encoding",
+    "DateStyle",
+    "IntervalStyle",
+    "TimeZone",
+    "standard_conforming_strings",
+];
+
+/// Values of the tracked parameters (`None`: unknown or not wanted).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Vars([Option<Box<str>>; TRACKED.len()]);
+
+/// Where `name` (in any letter case, as startup packets may spell it) is
+/// in [`TRACKED`].
+fn index(name: &str) -> Option<usize> {
+    TRACKED.iter().position(|t| t.eq_ignore_ascii_case(name))
+}
+
+/// A string literal that means the same whatever the server's
+/// `standard_conforming_strings`.
+fn literal(value: &str) -> String {
+    let mut out = String::with_capacity(value.len() + 3);
+    out.push_str("E'");
+    for c in value.chars() {
+        match c {
+            '\'' => out.push_str("''"),
+            '\\' => out.push_str("\\\\"),
+            c => out.push(c),
+        }
+    }
+    out.push('\'');
+    out
+}
+
+impl Vars {
+    pub fn is_tracked(name: &str) -> bool {
+        index(name).is_some()
+    }
+
+    /// Records `name = value` if it is tracked.
+    pub fn set(&mut self, name: &str, value: &str) {
+        if let Some(i) = index(name) {
+            if self.0[i].as_deref() != Some(value) {
+                self.0[i] = Some(value.into());
+            }
+        }
+    }
+
+    /// The tracked ones among `params` (name, value pairs).
+    pub fn from_params<'a>(params: impl IntoIterator<Item = (&'a str, &'a str)>) -> Vars {
+        let mut v = Vars::default();
+        for (k, val) in params {
+            v.set(k, val);
+        }
+        v
+    }
+
+    /// Takes every value `other` has.
+    pub fn update(&mut self, other: &Vars) {
+        for (mine, theirs) in self.0.iter_mut().zip(&other.0) {
+            if theirs.is_some() && mine != theirs {
+                mine.clone_from(theirs);
+            }
+        }
+    }
+
+    /// The tracked values, by their canonical names.
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        TRACKED
+            .iter()
+            .zip(&self.0)
+            .filter_map(|(k, v)| v.as_deref().map(|v| (*k, v)))
+    }
+
+    /// The `SET` statements that give a server holding `server` the
+    /// values wanted here; `None` when it has them all.
+    pub fn set_sql(&self, server: &Vars) -> Option<String> {
+        let mut sql = String::new();
+        for ((name, want), have) in TRACKED.iter().zip(&self.0).zip(&server.0) {
+            if let Some(want) = want {
+                if have.as_deref() != Some(&**want) {
+                    sql.push_str(&format!("SET {name} = {};", literal(want)));
+                }
+            }
+        }
+        (!sql.is_empty()).then_some(sql)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_differing_wanted_values_are_set_with_safe_literals() {
+        let want = Vars::from_params([
+            ("timezone", "Europe/Berlin"),
+            ("application_name", "it's \\ mine"),
+            ("user", "app"),
+        ]);
+        let mut server = Vars::from_params([
+            ("TimeZone", "UTC"),
+            ("application_name", "pgha-proxy"),
+            ("DateStyle", "ISO, MDY"),
+        ]);
+        assert_eq!(
+            want.set_sql(&server).as_deref(),
+            Some("SET application_name = E'it''s \\\\ mine';SET TimeZone = E'Europe/Berlin';")
+        );
+        server.update(&want);
+        assert_eq!(want.set_sql(&server), None);
+        assert_eq!(server.iter().count(), 3, "DateStyle kept, nothing added");
+        assert!(Vars::is_tracked("datestyle") && !Vars::is_tracked("search_path"));
+    }
+}
