@@ -61,7 +61,10 @@ pub struct Pool {
     login: Login,
     cfg: Arc<Config>,
     connect: ConnectOpts,
-    idle: Mutex<Vec<ServerConn>>,
+    /// Boxed: connections move in and out on every transaction, and a
+    /// box moves as one pointer instead of the whole connection.
+    #[allow(clippy::vec_box)]
+    idle: Mutex<Vec<Box<ServerConn>>>,
     slots: Arc<Semaphore>,
     /// Set when the backend lost its role: nothing is reused any more.
     retired: AtomicBool,
@@ -76,7 +79,7 @@ pub struct Pool {
 /// A checked-out connection; give it back with [`Pool::checkin`].
 #[derive(Debug)]
 pub struct Checkout {
-    pub conn: ServerConn,
+    pub conn: Box<ServerConn>,
     pub pool: Arc<Pool>,
     _slot: OwnedSemaphorePermit,
 }

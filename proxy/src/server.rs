@@ -250,7 +250,7 @@ impl ServerConn {
         backend: Arc<Backend>,
         login: &Login,
         opts: &ConnectOpts,
-    ) -> Result<ServerConn, ServerError> {
+    ) -> Result<Box<ServerConn>, ServerError> {
         tokio::time::timeout(opts.timeout, Self::connect_inner(backend, login, opts))
             .await
             .map_err(|_| ServerError::Timeout(opts.timeout))?
@@ -260,7 +260,7 @@ impl ServerConn {
         backend: Arc<Backend>,
         login: &Login,
         opts: &ConnectOpts,
-    ) -> Result<ServerConn, ServerError> {
+    ) -> Result<Box<ServerConn>, ServerError> {
         let tcp = TcpStream::connect((backend.host.as_str(), backend.port))
             .await
             .map_err(|source| ServerError::Connect {
@@ -273,7 +273,7 @@ impl ServerConn {
             None => ServerStream::Plain(tcp),
         };
         let cache_size = opts.cache_size;
-        let mut conn = ServerConn {
+        let mut conn = Box::new(ServerConn {
             stream,
             rbuf: BytesMut::with_capacity(8192),
             backend,
@@ -286,7 +286,7 @@ impl ServerConn {
             tracker: Tracker::default(),
             prepared: ServerCache::new(cache_size),
             discard: false,
-        };
+        });
         conn.login(login).await?;
         let rows = conn.simple_query("select pg_is_in_recovery()").await?;
         conn.in_recovery = match rows.first().map(String::as_str) {

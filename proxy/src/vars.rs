@@ -7,8 +7,39 @@
 //! client never sees (ParameterStatus excepted: the client may always
 //! learn a server's canonical spelling of its own value).
 //!
-//! Pure code: the session keeps the client's wanted values, each server
-//! connection what its server last reported. May call: nothing.
+//! The session keeps the client's wanted values, each server connection
+//! what its server last reported. Values are interned, so the check made
+//! on every transaction is six pointer comparisons. May call: nothing.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// Distinct values kept for sharing; past this the set starts afresh
+/// (values already handed out stay valid, and are then compared by
+/// content), so clients inventing new values cannot grow it for ever.
+const MAX_INTERNED: usize = 10_000;
+
+/// The one shared copy of `value`.
+fn intern(value: &str) -> Arc<str> {
+    static SET: OnceLock<Mutex<HashSet<Arc<str>>>> = OnceLock::new();
+    let mut set = match SET.get_or_init(Mutex::default).lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    };
+    if let Some(v) = set.get(value) {
+        return v.clone();
+    }
+    if set.len() >= MAX_INTERNED {
+        set.clear();
+    }
+    let v: Arc<str> = value.into();
+    set.insert(v.clone());
+    v
+}
+
+fn same(a: &Arc<str>, b: &Arc<str>) -> bool {
+    Arc::ptr_eq(a, b) || a == b
+}
 
 /// The tracked parameters, as servers spell them in ParameterStatus.
 pub const TRACKED: [&str; 6] = [
@@ -22,7 +53,7 @@ pub const TRACKED: [&str; 6] = [
 
 /// Values of the tracked parameters (`None`: unknown or not wanted).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Vars([Option<Box<str>>; TRACKED.len()]);
+pub struct Vars([Option<Arc<str>>; TRACKED.len()]);
 
 /// Where `name` (in any letter case, as startup packets may spell it) is
 /// in [`TRACKED`].
@@ -55,7 +86,7 @@ impl Vars {
     pub fn set(&mut self, name: &str, value: &str) {
         if let Some(i) = index(name) {
             if self.0[i].as_deref() != Some(value) {
-                self.0[i] = Some(value.into());
+                self.0[i] = Some(intern(value));
             }
         }
     }
@@ -91,10 +122,13 @@ impl Vars {
     pub fn set_sql(&self, server: &Vars) -> Option<String> {
         let mut sql = String::new();
         for ((name, want), have) in TRACKED.iter().zip(&self.0).zip(&server.0) {
-            if let Some(want) = want {
-                if have.as_deref() != Some(&**want) {
-                    sql.push_str(&format!("SET {name} = {};", literal(want)));
-                }
+            let differs = match (want, have) {
+                (Some(w), Some(h)) => !same(w, h),
+                (Some(_), None) => true,
+                (None, _) => false,
+            };
+            if let (true, Some(want)) = (differs, want) {
+                sql.push_str(&format!("SET {name} = {};", literal(want)));
             }
         }
         (!sql.is_empty()).then_some(sql)
