@@ -8,19 +8,13 @@
 //! cancel), tokio sync.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use rand::Rng;
 use tokio::sync::Notify;
 
+use crate::lock;
 use crate::router::Backend;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    }
-}
 
 /// The backend and its BackendKeyData.
 type Target = (Arc<Backend>, (i32, i32));

@@ -34,6 +34,15 @@ use std::sync::Arc;
 pub use config::Config;
 pub use listener::{Proxy, ProxyHandle, StartError};
 
+/// Locks `m`, also after a panic elsewhere poisoned it: every value the
+/// proxy keeps behind a mutex stays valid between statements.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
 /// State shared by every session of one proxy.
 #[derive(Debug)]
 pub struct Shared {

@@ -9,12 +9,13 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::Config;
+use crate::lock;
 use crate::router::{Backend, Route};
 use crate::server::{ConnectOpts, Login, Params, ServerConn, ServerError};
 use crate::tls::ServerTls;
@@ -28,13 +29,6 @@ pub enum PoolError {
     Server(#[from] ServerError),
     #[error("server {0} is no longer in the role this route needs")]
     WrongRole(String),
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    }
 }
 
 /// Counts a waiting client, also when its wait is abandoned (cancel).

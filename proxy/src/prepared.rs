@@ -33,10 +33,7 @@ pub struct Registry {
 impl Registry {
     /// The statement with this Parse body, created on first sight.
     pub fn intern(&self, body: &[u8]) -> Arc<Statement> {
-        let mut map = match self.by_body.lock() {
-            Ok(m) => m,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut map = crate::lock(&self.by_body);
         if let Some(s) = map.get(body) {
             return s.clone();
         }

@@ -28,17 +28,11 @@ pub struct PauseState {
 
 impl PauseState {
     fn switchover(&self) -> Option<u64> {
-        match self.switchover.lock() {
-            Ok(g) => *g,
-            Err(p) => *p.into_inner(),
-        }
+        *crate::lock(&self.switchover)
     }
 
     fn set_switchover(&self, id: Option<u64>) {
-        match self.switchover.lock() {
-            Ok(mut g) => *g = id,
-            Err(p) => *p.into_inner() = id,
-        }
+        *crate::lock(&self.switchover) = id;
     }
 
     fn paused(&self) -> bool {

@@ -22,10 +22,7 @@ const MAX_INTERNED: usize = 10_000;
 /// The one shared copy of `value`.
 fn intern(value: &str) -> Arc<str> {
     static SET: OnceLock<Mutex<HashSet<Arc<str>>>> = OnceLock::new();
-    let mut set = match SET.get_or_init(Mutex::default).lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    };
+    let mut set = crate::lock(SET.get_or_init(Mutex::default));
     if let Some(v) = set.get(value) {
         return v.clone();
     }
