@@ -93,11 +93,7 @@ impl Proxy {
         shared
             .pools
             .set_config(cfg.clone(), crate::tls::server_tls(&cfg)?, false);
-        if let (Some(cert), Some(key)) = (&cfg.tls_cert_file, &cfg.tls_key_file) {
-            shared
-                .tls
-                .store(Some(Arc::new(crate::tls::acceptor(cert, key)?)));
-        }
+        shared.tls.store(crate::tls::client_tls(&cfg)?);
         let shared = Arc::new(shared);
         let bind = |addr: SocketAddr| async move {
             TcpListener::bind(addr)

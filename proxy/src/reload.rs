@@ -51,10 +51,7 @@ pub fn reload(shared: &Shared, path: &Path) -> Result<Reloaded, ReloadError> {
         .as_deref()
         .map(auth::Users::load)
         .transpose()?;
-    let tls = match (&new.tls_cert_file, &new.tls_key_file) {
-        (Some(cert), Some(key)) => Some(Arc::new(tls::acceptor(cert, key)?)),
-        _ => None,
-    };
+    let tls = tls::client_tls(&new)?;
     let server_tls = tls::server_tls(&new)?;
 
     let new = Arc::new(new);

@@ -61,7 +61,7 @@ fn pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 }
 
 /// A TLS acceptor for the certificate chain and private key in PEM files.
-pub fn acceptor(cert: &Path, key: &Path) -> Result<Tls, TlsError> {
+fn acceptor(cert: &Path, key: &Path) -> Result<Tls, TlsError> {
     let certs = pem_certs(cert)?;
     let key_der = rustls_pemfile::private_key(&mut open(key)?)
         .map_err(read_err(key))?
@@ -75,6 +75,14 @@ pub fn acceptor(cert: &Path, key: &Path) -> Result<Tls, TlsError> {
         .with_no_client_auth()
         .with_single_cert(certs, key_der)?;
     Ok(Tls(TlsAcceptor::from(Arc::new(config))))
+}
+
+/// The acceptor for `tls_cert_file` and `tls_key_file`; `None` without them.
+pub fn client_tls(cfg: &Config) -> Result<Option<Arc<Tls>>, TlsError> {
+    match (&cfg.tls_cert_file, &cfg.tls_key_file) {
+        (Some(cert), Some(key)) => Ok(Some(Arc::new(acceptor(cert, key)?))),
+        _ => Ok(None),
+    }
 }
 
 /// The acceptor, printable in debug output of the shared state.
