@@ -341,8 +341,7 @@ impl ServerConn {
                 }
                 b'E' => return Err(rejected(f.body())),
                 b'Z' => {
-                    self.vars =
-                        Vars::from_params(params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+                    self.vars = Vars::from_params(&params);
                     self.params = Arc::new(ParamSet::new(params));
                     return Ok(());
                 }

@@ -314,8 +314,7 @@ impl<C: ClientIo> Session<C> {
         if self.told.list.is_empty() {
             self.out_client.extend_from_slice(&params.wire);
             // The client's own startup values win, and it is told so.
-            let mut vars =
-                Vars::from_params(params.list.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+            let mut vars = Vars::from_params(&params.list);
             for (k, v) in self.vars.iter() {
                 msg::put_parameter_status(&mut self.out_client, k, v);
             }

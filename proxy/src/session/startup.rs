@@ -287,9 +287,7 @@ where
             password,
             scram_keys,
         },
-        vars: crate::vars::Vars::from_params(
-            params.params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
-        ),
+        vars: crate::vars::Vars::from_params(&params.params),
         cancel,
         bell,
         // Buffers grow on first use; an idle client holds none.
