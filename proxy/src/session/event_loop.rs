@@ -9,9 +9,8 @@ use std::sync::Arc;
 
 use tokio::io::AsyncReadExt;
 
-use super::{
-    park_buffer, unpark_buffer, ClientError, ClientIo, Flow, Session, SessionError, READ_CHUNK,
-};
+use super::buffers::{make_room, park_buffer, unpark_buffer};
+use super::{ClientError, ClientIo, Flow, Session, SessionError};
 use crate::bell::Doorbell;
 use crate::metrics::ErrorKind;
 use crate::protocol::messages as msg;
@@ -50,17 +49,14 @@ impl<C: ClientIo> Session<C> {
         if idle && cbuf.capacity() > 0 {
             park_buffer(cbuf);
         }
-        if !idle && cbuf.capacity() - cbuf.len() < 1024 {
-            cbuf.reserve(READ_CHUNK);
+        if !idle {
+            make_room(cbuf);
         }
         let server_read = async {
             match server.as_mut() {
                 Some(co) => {
-                    let b = &mut co.conn.rbuf;
-                    if b.capacity() - b.len() < 1024 {
-                        b.reserve(READ_CHUNK);
-                    }
-                    co.conn.stream.read_buf(b).await
+                    make_room(&mut co.conn.rbuf);
+                    co.conn.stream.read_buf(&mut co.conn.rbuf).await
                 }
                 None => std::future::pending().await,
             }

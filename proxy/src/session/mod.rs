@@ -5,8 +5,9 @@
 //! back when its ReadyForQuery says idle with nothing outstanding; in
 //! session mode it stays attached until the client leaves. A leader change
 //! detaches servers that left their role. May call: `auth`, `pool`,
-//! `topology`, `router`, `cancel`, `protocol`, `forward`.
+//! `topology`, `router`, `cancel`, `protocol`, `forward`, `buffers`, `vars`.
 
+mod buffers;
 mod event_loop;
 mod forward;
 mod startup;
@@ -53,50 +54,6 @@ impl ClientIo for tokio::io::DuplexStream {
 impl ClientIo for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {
     // rustls may hold decrypted bytes the socket no longer shows.
     async fn wait_readable(&self) {}
-}
-
-/// Buffers above this are released after use, so a large result does not
-/// pin memory for the life of the connection.
-const KEEP_BUFFER: usize = 64 * 1024;
-
-/// Read buffer reserved when a client or server has data.
-const READ_CHUNK: usize = 8 * 1024;
-
-/// Read buffers parked per thread while their clients are idle.
-const PARKED_BUFFERS: usize = 64;
-
-thread_local! {
-    static PARKED: std::cell::RefCell<Vec<BytesMut>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Gives an idle client's empty read buffer back, so 10,000 idle clients
-/// hold no buffers while a busy one reuses the same few without a malloc
-/// per transaction.
-fn park_buffer(buf: &mut BytesMut) {
-    let mut b = std::mem::take(buf);
-    b.clear();
-    // Reclaims the space consumed by `advance` (no allocation: unique).
-    b.reserve(READ_CHUNK);
-    if b.capacity() > KEEP_BUFFER {
-        return;
-    }
-    PARKED.with(|p| {
-        let mut p = p.borrow_mut();
-        if p.len() < PARKED_BUFFERS {
-            p.push(b);
-        }
-    });
-}
-
-/// A read buffer with room for at least [`READ_CHUNK`] bytes.
-fn unpark_buffer(buf: &mut BytesMut) {
-    if buf.capacity() == 0 {
-        if let Some(b) = PARKED.with(|p| p.borrow_mut().pop()) {
-            *buf = b;
-            return;
-        }
-    }
-    buf.reserve(READ_CHUNK);
 }
 
 /// Largest message accepted from a server (the protocol's own limit).
@@ -374,10 +331,7 @@ impl<C: ClientIo> Session<C> {
                     .await
                     .map_err(SessionError::ServerIo)?;
             }
-            self.out_server.clear();
-            if self.out_server.capacity() > KEEP_BUFFER {
-                self.out_server = BytesMut::new();
-            }
+            buffers::clear(&mut self.out_server);
         }
         if !self.out_client.is_empty() {
             self.shared
@@ -388,10 +342,7 @@ impl<C: ClientIo> Session<C> {
                 .write_all(&self.out_client)
                 .await
                 .map_err(SessionError::ClientIo)?;
-            self.out_client.clear();
-            if self.out_client.capacity() > KEEP_BUFFER {
-                self.out_client = BytesMut::new();
-            }
+            buffers::clear(&mut self.out_client);
         }
         Ok(())
     }
