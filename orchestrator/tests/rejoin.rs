@@ -100,7 +100,7 @@ fn a_rewound_standby_reports_the_new_timeline_before_it_streams() {
         .unwrap();
     old.psql("insert into t values (-1)").unwrap();
 
-    old.rewind_from(&new, false).unwrap();
+    old.rewind_from(&new).unwrap();
     assert_eq!(
         old.psql("select timeline_id from pg_control_checkpoint()")
             .unwrap(),

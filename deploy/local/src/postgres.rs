@@ -141,7 +141,12 @@ impl PgInstance {
     }
 
     fn append_settings(&self, settings: &[(String, String)]) -> Result<(), Error> {
-        let path = self.data_dir().join("postgresql.conf");
+        self.append_settings_to("postgresql.conf", settings)
+    }
+
+    /// Appends `settings` to the data directory's config file `file`.
+    fn append_settings_to(&self, file: &str, settings: &[(String, String)]) -> Result<(), Error> {
+        let path = self.data_dir().join(file);
         let mut f = OpenOptions::new()
             .append(true)
             .open(&path)
@@ -268,34 +273,24 @@ impl PgInstance {
     }
 
     /// Stops this (diverged) server, rewinds it with pg_rewind from `source`
-    /// and starts it as a standby. With `stream` false it gets no
-    /// `primary_conninfo`: it replays only the WAL pg_rewind copied, so a
-    /// test sees the state before any WAL receiver connects.
-    pub fn rewind_from(&mut self, source: &PgInstance, stream: bool) -> Result<(), Error> {
+    /// and starts it as a standby with no upstream: it replays only the WAL
+    /// pg_rewind copied, so a test sees the state before any WAL receiver
+    /// connects.
+    pub fn rewind_from(&mut self, source: &PgInstance) -> Result<(), Error> {
         self.stop()?;
         let mut cmd = Command::new(self.bin.join("pg_rewind"));
         cmd.arg("--target-pgdata")
             .arg(self.data_dir())
             .arg(format!("--source-server={}", source.conn_str("postgres")));
-        if stream {
-            cmd.arg("--write-recovery-conf");
-        }
         run(
             &format!("pg_rewind {} from {}", self.name, source.name),
             cmd,
             Some(&self.user),
         )?;
-        if !stream {
-            // pg_rewind copied the source's postgresql.auto.conf, which may
-            // name an upstream: settings there win over postgresql.conf.
-            let auto = self.data_dir().join("postgresql.auto.conf");
-            let mut f = OpenOptions::new()
-                .append(true)
-                .open(&auto)
-                .map_err(Error::io(format!("open {auto:?}")))?;
-            f.write_all(b"\nprimary_conninfo = ''\n")
-                .map_err(Error::io(format!("write {auto:?}")))?;
-        }
+        // pg_rewind copied the source's postgresql.auto.conf, which may name
+        // an upstream: settings there win over postgresql.conf.
+        let no_upstream = [("primary_conninfo".to_owned(), "''".to_owned())];
+        self.append_settings_to("postgresql.auto.conf", &no_upstream)?;
         let signal = self.data_dir().join("standby.signal");
         fs::write(&signal, "").map_err(Error::io(format!("write {signal:?}")))?;
         self.user.own(&signal)?;
