@@ -21,6 +21,8 @@ use crate::lock;
 #[derive(Debug, Default)]
 pub struct Doorbell {
     rung: AtomicBool,
+    /// The proxy stops: the session ends at its next turn.
+    stopped: AtomicBool,
     waker: AtomicWaker,
 }
 
@@ -28,6 +30,29 @@ impl Doorbell {
     fn ring(&self) {
         self.rung.store(true, Ordering::Release);
         self.waker.wake();
+    }
+
+    fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
+        self.ring();
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the proxy stops (at once if it already has). A
+    /// session's message loop needs only [`Doorbell::wait`], which a stop
+    /// also rings.
+    pub fn stopped(&self) -> impl std::future::Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            self.waker.register(cx.waker());
+            if self.is_stopped() {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
     }
 
     /// Resolves once the bell was rung since the last time it resolved.
@@ -66,25 +91,16 @@ impl Drop for Registered {
     }
 }
 
-impl Registered {
-    /// Resolves once the proxy stops (at once if it already has).
-    pub fn stopped(&self) -> impl std::future::Future<Output = ()> + '_ {
-        std::future::poll_fn(move |cx| {
-            self.bell.waker.register(cx.waker());
-            if self.bells.is_stopped() {
-                Poll::Ready(())
-            } else {
-                Poll::Pending
-            }
-        })
-    }
-}
-
 impl Bells {
     pub fn register(self: &Arc<Self>) -> Registered {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let bell = Arc::new(Doorbell::default());
         lock(&self.bells).insert(id, bell.clone());
+        // Stopped while registering: `stop` sets the flag before it walks
+        // the registry, so one of the two sees the other.
+        if self.is_stopped() {
+            bell.stop();
+        }
         Registered {
             bells: self.clone(),
             id,
@@ -102,7 +118,9 @@ impl Bells {
     /// Stops every session: they end at their next turn.
     pub fn stop(&self) {
         self.stopped.store(true, Ordering::Release);
-        self.ring_all();
+        for bell in lock(&self.bells).values() {
+            bell.stop();
+        }
     }
 
     pub fn is_stopped(&self) -> bool {
@@ -135,7 +153,7 @@ mod tests {
 
         let stopper = {
             let r = r.clone();
-            tokio::spawn(async move { r.stopped().await })
+            tokio::spawn(async move { r.bell.stopped().await })
         };
         tokio::task::yield_now().await;
         assert!(!stopper.is_finished());
@@ -144,7 +162,11 @@ mod tests {
             .await
             .expect("woken by stop")
             .expect("stopper task");
-        r.stopped().await; // already stopped: at once
+        r.bell.stopped().await; // already stopped: at once
+        assert!(
+            bells.register().bell.is_stopped(),
+            "a bell made after the stop"
+        );
         let id = r.id;
         drop(r);
         assert!(

@@ -2,7 +2,9 @@
 //!
 //! A semaphore bounds the connections per pool (idle plus checked out), so a
 //! connection storm queues here instead of stampeding Postgres; a client
-//! that waits past `checkout_timeout` gets an error. Connections past their
+//! that waits past `checkout_timeout` gets an error. An idle connection
+//! keeps its slot while nobody waits, so the common checkout and checkin
+//! (every transaction in transaction mode) touch only the idle list. Connections past their
 //! idle timeout or lifetime, closed by the server, or belonging to a backend
 //! that left its role are dropped instead of reused. May call: `server`,
 //! `router`, `config`, tokio sync.
@@ -10,7 +12,9 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use quanta::Instant;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -57,8 +61,7 @@ pub struct Pool {
     connect: ConnectOpts,
     /// Boxed: connections move in and out on every transaction, and a
     /// box moves as one pointer instead of the whole connection.
-    #[allow(clippy::vec_box)]
-    idle: Mutex<Vec<Box<ServerConn>>>,
+    idle: Mutex<Vec<Idle>>,
     slots: Arc<Semaphore>,
     /// Set when the backend lost its role: nothing is reused any more.
     retired: AtomicBool,
@@ -70,12 +73,35 @@ pub struct Pool {
     params: Mutex<Option<Params>>,
 }
 
-/// A checked-out connection; give it back with [`Pool::checkin`].
+/// A checked-out connection; give it back with [`Checkout::checkin`].
 #[derive(Debug)]
 pub struct Checkout {
     pub conn: Box<ServerConn>,
     pub pool: Arc<Pool>,
-    _slot: OwnedSemaphorePermit,
+    slot: OwnedSemaphorePermit,
+}
+
+impl Checkout {
+    /// Returns the connection; `clean` when its last ReadyForQuery said
+    /// idle with nothing outstanding. Anything else is closed.
+    pub fn checkin(self, clean: bool) {
+        let Checkout { conn, pool, slot } = self;
+        pool.take_back(conn, slot, clean);
+    }
+
+    /// Closes a connection that cannot be reused.
+    pub fn discard(self) {
+        self.checkin(false);
+    }
+}
+
+/// An idle connection. It keeps its slot unless a client was waiting for
+/// one when it came back (then the slot went to that client, who takes a
+/// connection from the idle list with it).
+#[derive(Debug)]
+struct Idle {
+    conn: Box<ServerConn>,
+    slot: Option<OwnedSemaphorePermit>,
 }
 
 impl Pool {
@@ -130,8 +156,7 @@ impl Pool {
         lock(&self.params).clone()
     }
 
-    fn reusable(&self, c: &mut ServerConn) -> bool {
-        let now = Instant::now();
+    fn reusable(&self, c: &ServerConn, now: Instant) -> bool {
         let idle = now.saturating_duration_since(c.idle_since);
         if now.saturating_duration_since(c.created) > self.cfg.server_lifetime
             || idle > self.cfg.server_idle_timeout
@@ -147,22 +172,48 @@ impl Pool {
         !c.stream.has_unread_input()
     }
 
+    /// A reusable idle connection and its slot, if there is one now. A
+    /// connection without its own slot takes `held` (the caller's, if it
+    /// already has one) or a free one.
+    fn take_idle(
+        &self,
+        held: &mut Option<OwnedSemaphorePermit>,
+    ) -> Option<(Box<ServerConn>, OwnedSemaphorePermit)> {
+        let now = Instant::now();
+        loop {
+            let Idle { conn, slot: own } = lock(&self.idle).pop()?;
+            if !self.reusable(&conn, now) {
+                continue;
+            }
+            let slot = match own.or_else(|| held.take()) {
+                Some(s) => s,
+                None => match self.slots.clone().try_acquire_owned() {
+                    Ok(s) => s,
+                    Err(_) => {
+                        // Its slot went to a waiting client, who takes it.
+                        lock(&self.idle).push(Idle { conn, slot: None });
+                        return None;
+                    }
+                },
+            };
+            return Some((conn, slot));
+        }
+    }
+
+    fn hand_out(self: &Arc<Self>, conn: Box<ServerConn>, slot: OwnedSemaphorePermit) -> Checkout {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        Checkout {
+            conn,
+            pool: self.clone(),
+            slot,
+        }
+    }
+
     /// An idle pooled connection, if one is free right now (no waiting,
     /// no connecting): the common case, kept cheap.
     pub fn try_checkout_idle(self: &Arc<Self>) -> Option<Checkout> {
-        let slot = self.slots.clone().try_acquire_owned().ok()?;
-        let conn = loop {
-            let mut c = lock(&self.idle).pop()?;
-            if self.reusable(&mut c) {
-                break c;
-            }
-        };
-        self.active.fetch_add(1, Ordering::Relaxed);
-        Some(Checkout {
-            conn,
-            pool: self.clone(),
-            _slot: slot,
-        })
+        let (conn, slot) = self.take_idle(&mut None)?;
+        Some(self.hand_out(conn, slot))
     }
 
     /// A logged-in connection whose role suits `need_primary`, waiting at
@@ -173,57 +224,79 @@ impl Pool {
         need_primary: bool,
     ) -> Result<Checkout, PoolError> {
         let waiting = Waiting::new(&self.waiting);
+        // A connection given back before this client counted as waiting
+        // kept its slot: it is in the idle list now (see `take_back`).
+        if let Some(co) = self.try_checkout_idle() {
+            return Ok(co);
+        }
         let slot = tokio::time::timeout(timeout, self.slots.clone().acquire_owned()).await;
         drop(waiting);
         let slot = slot
             .map_err(|_| PoolError::Timeout(timeout))?
             .map_err(|_| PoolError::Timeout(timeout))?;
-        let pooled = loop {
-            let Some(mut c) = lock(&self.idle).pop() else {
-                break None;
-            };
-            if self.reusable(&mut c) {
-                break Some(c);
-            }
-        };
-        let conn = match pooled {
-            Some(c) => c,
-            None => {
-                // Boxed: connecting is rare and its state is large; it must
-                // not grow every session's future.
-                let c = Box::pin(ServerConn::connect(
-                    self.backend.clone(),
-                    &self.login,
-                    &self.connect,
-                ))
-                .await?;
-                *lock(&self.params) = Some(c.params.clone());
-                if need_primary && c.in_recovery {
-                    return Err(PoolError::WrongRole(self.backend.name.clone()));
-                }
-                c
-            }
-        };
-        self.active.fetch_add(1, Ordering::Relaxed);
-        Ok(Checkout {
-            conn,
-            pool: self.clone(),
-            _slot: slot,
-        })
+        let mut held = Some(slot);
+        if let Some((conn, slot)) = self.take_idle(&mut held) {
+            return Ok(self.hand_out(conn, slot));
+        }
+        let slot = held.expect("an idle connection with its own slot leaves ours");
+        // Boxed: connecting is rare and its state is large; it must not
+        // grow every session's future.
+        let conn = Box::pin(ServerConn::connect(
+            self.backend.clone(),
+            &self.login,
+            &self.connect,
+        ))
+        .await?;
+        let mut conn = conn;
+        self.share_params(&mut conn);
+        if need_primary && conn.in_recovery {
+            return Err(PoolError::WrongRole(self.backend.name.clone()));
+        }
+        Ok(self.hand_out(conn, slot))
     }
 
-    /// Returns a connection; `clean` when its last ReadyForQuery said idle
-    /// with nothing outstanding. Anything else is closed.
-    pub fn checkin(&self, mut co: Checkout, clean: bool) {
+    /// Remembers a new connection's ParameterStatus for new clients; when
+    /// it equals the pool's, the connection shares the pool's copy, so a
+    /// session moving between connections compares one pointer.
+    fn share_params(&self, conn: &mut ServerConn) {
+        let mut cached = lock(&self.params);
+        match cached.as_ref() {
+            Some(p) if p.wire == conn.params.wire => conn.params = p.clone(),
+            _ => *cached = Some(conn.params.clone()),
+        }
+    }
+
+    /// Takes a connection back (see [`Checkout::checkin`]). It keeps its
+    /// slot unless a client waits for one.
+    fn take_back(&self, mut conn: Box<ServerConn>, slot: OwnedSemaphorePermit, clean: bool) {
         self.active.fetch_sub(1, Ordering::Relaxed);
         let now = Instant::now();
-        if clean
+        if !(clean
             && !self.is_retired()
-            && now.duration_since(co.conn.created) <= self.cfg.server_lifetime
+            && now.saturating_duration_since(conn.created) <= self.cfg.server_lifetime)
         {
-            co.conn.idle_since = now;
-            lock(&self.idle).push(co.conn);
+            return;
         }
+        conn.idle_since = now;
+        self.shelve(conn, slot);
+    }
+
+    /// Puts a connection in the idle list, with its slot unless a client
+    /// waits for one.
+    fn shelve(&self, conn: Box<ServerConn>, slot: OwnedSemaphorePermit) {
+        let mut idle = lock(&self.idle);
+        // Read under the lock a waiting client takes after counting itself
+        // (see `checkout`): either it finds this connection, or this sees it.
+        if self.waiting.load(Ordering::Relaxed) == 0 {
+            idle.push(Idle {
+                conn,
+                slot: Some(slot),
+            });
+            return;
+        }
+        idle.push(Idle { conn, slot: None });
+        drop(idle);
+        drop(slot);
     }
 
     /// Closes idle connections past their idle timeout or lifetime, then
@@ -231,14 +304,18 @@ impl Pool {
     /// Called periodically by [`Pools::maintain`].
     pub async fn maintain(self: &Arc<Self>) {
         let now = Instant::now();
-        lock(&self.idle).retain(|c| {
-            now.duration_since(c.idle_since) <= self.cfg.server_idle_timeout
-                && now.duration_since(c.created) <= self.cfg.server_lifetime
+        lock(&self.idle).retain(|Idle { conn: c, .. }| {
+            now.saturating_duration_since(c.idle_since) <= self.cfg.server_idle_timeout
+                && now.saturating_duration_since(c.created) <= self.cfg.server_lifetime
         });
         // Like PgBouncer's min_pool_size: connections in use count too.
-        // Slots held (checked out or being connected) count too.
-        let held = || self.cfg.pool_size - self.slots.available_permits();
-        while !self.is_retired() && lock(&self.idle).len() + held() < self.cfg.min_idle {
+        // Every connection holds a slot (checked out, being connected, or
+        // idle with its own) except idle ones whose slot went to a waiter.
+        let open = || {
+            let unslotted = lock(&self.idle).iter().filter(|i| i.slot.is_none()).count();
+            unslotted + self.cfg.pool_size - self.slots.available_permits()
+        };
+        while !self.is_retired() && open() < self.cfg.min_idle {
             let Ok(slot) = self.slots.clone().try_acquire_owned() else {
                 return;
             };
@@ -248,11 +325,10 @@ impl Pool {
                 &self.connect,
             ))
             .await;
-            drop(slot);
             match connected {
-                Ok(c) if self.route != Route::ReadWrite || !c.in_recovery => {
-                    *lock(&self.params) = Some(c.params.clone());
-                    lock(&self.idle).push(c);
+                Ok(mut c) if self.route != Route::ReadWrite || !c.in_recovery => {
+                    self.share_params(&mut c);
+                    self.shelve(c, slot);
                 }
                 Ok(_) => return,
                 Err(e) => {
@@ -261,11 +337,6 @@ impl Pool {
                 }
             }
         }
-    }
-
-    /// Drops a connection that cannot be reused.
-    pub fn discard(&self, co: Checkout) {
-        self.checkin(co, false);
     }
 }
 

@@ -10,7 +10,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
@@ -147,6 +147,15 @@ impl AsyncRead for ServerStream {
     }
 }
 
+impl crate::session::WriteNow for ServerStream {
+    fn write_now(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            ServerStream::Plain(s) => s.write_now(buf),
+            ServerStream::Tls(_) => Ok(0),
+        }
+    }
+}
+
 impl AsyncWrite for ServerStream {
     fn poll_write(
         self: Pin<&mut Self>,
@@ -236,8 +245,8 @@ pub struct ServerConn {
     /// The server's BackendKeyData, for cancel requests.
     pub key: (i32, i32),
     pub in_recovery: bool,
-    pub created: Instant,
-    pub idle_since: Instant,
+    pub created: quanta::Instant,
+    pub idle_since: quanta::Instant,
     pub tracker: Tracker,
     pub prepared: ServerCache,
     /// Must not be reused (its prepared statements went stale after DDL).
@@ -281,8 +290,8 @@ impl ServerConn {
             vars: Vars::default(),
             key: (0, 0),
             in_recovery: true,
-            created: Instant::now(),
-            idle_since: Instant::now(),
+            created: quanta::Instant::now(),
+            idle_since: quanta::Instant::now(),
             tracker: Tracker::default(),
             prepared: ServerCache::new(cache_size),
             discard: false,

@@ -50,7 +50,7 @@ pub struct Verdict {
 }
 
 /// The accounting for one server connection.
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tracker {
     queue: VecDeque<Pending>,
     /// How many `Pending::Fake` are queued: none in the common case, which
@@ -162,6 +162,23 @@ impl Tracker {
         }
     }
 
+    /// Whether a server message of type `tag` needs no accounting and goes
+    /// to the client as is: rows, notices and the like, outside the
+    /// replies to the proxy's own queries. The common case, kept cheap.
+    #[inline]
+    pub fn passes(&self, tag: u8) -> bool {
+        match tag {
+            b'D' | b'N' | b'A' | b'd' | b't' | b'K' | b'G' | b'H' | b'W' | b'c' => {
+                !matches!(self.queue.front(), Some(Pending::HiddenQuery))
+            }
+            b'T' => !matches!(
+                self.queue.front(),
+                Some(Pending::HiddenQuery | Pending::Describe)
+            ),
+            _ => false,
+        }
+    }
+
     /// Accounts for one server message; fake replies due after it are
     /// appended to `fakes`.
     pub fn server_message(&mut self, tag: u8, body: &[u8], fakes: &mut Vec<u8>) -> Verdict {
@@ -243,6 +260,53 @@ mod tests {
         );
         assert_eq!(fwd, vec![false, true, false, true, true, true]);
         assert!(t.is_free());
+    }
+
+    #[test]
+    fn what_passes_unaccounted_is_exactly_what_accounting_would_forward_untouched() {
+        let states: Vec<Vec<Pending>> = vec![
+            vec![],
+            vec![Pending::Query],
+            vec![Pending::HiddenQuery, Pending::Query],
+            vec![Pending::Describe, Pending::Sync],
+            vec![
+                Pending::Parse {
+                    hidden: true,
+                    stmt: Some("s1".into()),
+                },
+                Pending::Bind,
+                Pending::Execute,
+                Pending::Sync,
+            ],
+            vec![
+                Pending::Close { hidden: true },
+                Pending::Fake(b'1'),
+                Pending::Sync,
+            ],
+        ];
+        let mut passing = 0;
+        for queue in states {
+            let mut t = Tracker::default();
+            for p in queue {
+                t.push(p);
+            }
+            for tag in 0..=255u8 {
+                if !t.passes(tag) {
+                    continue;
+                }
+                passing += 1;
+                let mut after = t.clone();
+                let mut fakes = Vec::new();
+                let v = after.server_message(tag, b"I", &mut fakes);
+                assert!(
+                    v.forward && v.unprepared.is_empty() && fakes.is_empty(),
+                    "{}",
+                    tag as char
+                );
+                assert_eq!(after, t, "{} changed the accounting", tag as char);
+            }
+        }
+        assert!(passing > 20, "the fast path covers rows and notices");
     }
 
     fn reply(t: &mut Tracker, msgs: &[(u8, &[u8])]) -> (Vec<bool>, Vec<u8>) {

@@ -142,6 +142,10 @@ impl<C: ClientIo> Session<C> {
         };
         loop {
             let ev = self.next_event(&bell).await;
+            if matches!(ev, Ev::Bell) && bell.is_stopped() {
+                // Stopping at once: the client and its server just close.
+                return;
+            }
             let r = self.handle(ev, &mut st).await;
             let Some(flow) = self.recover(r) else { break };
             if self.flush().await.is_err() {

@@ -39,11 +39,22 @@ pub trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send {
     /// a buffer (plain TCP); streams that cannot return at once. Lets idle
     /// clients wait without holding a read buffer.
     fn wait_readable(&self) -> impl std::future::Future<Output = ()> + Send;
+
+    /// Writes what the socket takes now without waiting (see [`WriteNow`]).
+    fn write_now(&mut self, _buf: &[u8]) -> std::io::Result<usize> {
+        Ok(0)
+    }
 }
 
 impl ClientIo for tokio::net::TcpStream {
     async fn wait_readable(&self) {
-        let _ = self.readable().await;
+        // The stream's own read-readiness slot, not `readable()`'s queued
+        // waiter: no list to join and leave on every transaction.
+        let _ = std::future::poll_fn(|cx| self.poll_read_ready(cx)).await;
+    }
+
+    fn write_now(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        WriteNow::write_now(self, buf)
     }
 }
 
@@ -54,6 +65,36 @@ impl ClientIo for tokio::io::DuplexStream {
 impl ClientIo for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {
     // rustls may hold decrypted bytes the socket no longer shows.
     async fn wait_readable(&self) {}
+}
+
+/// A stream that can take bytes without a future: one `send` when the
+/// socket has room, which is almost always. Saves the write future's
+/// machinery twice per transaction.
+pub trait WriteNow {
+    /// Bytes written now; 0 when the socket is full or cannot tell.
+    fn write_now(&mut self, buf: &[u8]) -> std::io::Result<usize>;
+}
+
+impl WriteNow for tokio::net::TcpStream {
+    fn write_now(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self.try_write(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(0),
+            r => r,
+        }
+    }
+}
+
+/// Writes all of `buf`: what the socket takes now, the rest when it drains.
+async fn send_all<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    buf: &[u8],
+    now: impl FnOnce(&mut W, &[u8]) -> std::io::Result<usize>,
+) -> std::io::Result<()> {
+    let n = now(w, buf)?;
+    if n < buf.len() {
+        w.write_all(&buf[n..]).await?;
+    }
+    Ok(())
 }
 
 /// Largest message accepted from a server (the protocol's own limit).
@@ -318,16 +359,14 @@ impl<C: ClientIo> Session<C> {
         if let Some(co) = self.server.take() {
             self.cancel.slot.detach();
             let clean = co.conn.tracker.is_free() && !co.conn.discard;
-            co.pool.clone().checkin(co, clean);
+            co.checkin(clean);
         }
     }
 
     async fn flush(&mut self) -> Result<(), SessionError> {
         if !self.out_server.is_empty() {
             if let Some(co) = self.server.as_mut() {
-                co.conn
-                    .stream
-                    .write_all(&self.out_server)
+                send_all(&mut co.conn.stream, &self.out_server, WriteNow::write_now)
                     .await
                     .map_err(SessionError::ServerIo)?;
             }
@@ -338,8 +377,7 @@ impl<C: ClientIo> Session<C> {
                 .metrics
                 .bytes_out
                 .increment(self.out_client.len() as u64);
-            self.client
-                .write_all(&self.out_client)
+            send_all(&mut self.client, &self.out_client, C::write_now)
                 .await
                 .map_err(SessionError::ClientIo)?;
             buffers::clear(&mut self.out_client);
@@ -420,7 +458,11 @@ impl<C: ClientIo> Session<C> {
             let conn = &mut co.conn;
             // Forwarded frames are copied in runs, not one by one.
             let (mut pos, mut run) = (0, 0);
-            while let Some((_, len)) = peek_frame(&conn.rbuf[pos..], MAX_SERVER_MESSAGE)? {
+            while let Some((tag, len)) = peek_frame(&conn.rbuf[pos..], MAX_SERVER_MESSAGE)? {
+                if conn.tracker.passes(tag) {
+                    pos += len;
+                    continue;
+                }
                 let frame = &conn.rbuf[pos..pos + len];
                 let step = forward::server_frame(&mut conn.tracker, &mut conn.prepared, frame);
                 if frame[0] == b'S' {
@@ -490,7 +532,7 @@ impl<C: ClientIo> Session<C> {
         let in_tx = co.conn.tracker.status() != b'I';
         let (readies, unsynced) = co.conn.tracker.owed_ready();
         tracing::debug!(backend = %co.pool.backend.name, waiting, in_tx, error = %err.message, "lost the server connection");
-        co.pool.clone().discard(co);
+        co.discard();
         if !self.tx_mode() {
             msg::put_error(&mut self.out_client, "FATAL", "57P01", &err.message);
             return Flow::Quit;
@@ -544,9 +586,9 @@ impl<C: ClientIo> Session<C> {
         let free = co.conn.tracker.is_free() && !co.conn.discard;
         if free && !self.tx_mode() {
             let ok = Box::pin(co.conn.reset()).await.is_ok();
-            co.pool.clone().checkin(co, ok);
+            co.checkin(ok);
         } else {
-            co.pool.clone().checkin(co, free);
+            co.checkin(free);
         }
     }
 }
