@@ -189,6 +189,72 @@ fn an_open_transaction_holds_its_server_and_others_time_out_waiting_then_proceed
 }
 
 #[test]
+fn waiting_clients_get_a_returned_connection_at_once_and_the_pool_stays_within_its_size() {
+    let (_sb, pg) = primary("px-handoff");
+    let mut cfg = config(&pg, PoolMode::Transaction);
+    cfg.pool_size = 2;
+    // A handoff missed (a connection idle while a client waits for a
+    // slot) would surface as this timeout.
+    cfg.checkout_timeout = Duration::from_secs(3);
+    let p = Running::start(cfg);
+    let port = p.rw();
+    let pg_port = pg.port();
+    p.rt.block_on(async {
+        // The server's view: client backends other than this observer.
+        let (observer, conn) = tokio_postgres::connect(
+            &format!("host=127.0.0.1 port={pg_port} user=postgres dbname=postgres"),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sampler = {
+            let done = done.clone();
+            tokio::spawn(async move {
+                let mut most = 0;
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    let n: i64 = observer
+                        .query_one(
+                            "select count(*) from pg_stat_activity \
+                             where backend_type = 'client backend' and pid <> pg_backend_pid()",
+                            &[],
+                        )
+                        .await
+                        .unwrap()
+                        .get(0);
+                    most = most.max(n);
+                }
+                most
+            })
+        };
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            tasks.push(tokio::spawn(async move {
+                let c = Running::client(port).await;
+                for _ in 0..40 {
+                    // Simple queries: nothing left for the end (a statement
+                    // Close would hold a server while the client quits, and
+                    // that server connection is then replaced).
+                    c.simple_query("select pg_sleep(0.001)")
+                        .await
+                        .expect("every transaction gets a connection in time");
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        let most = sampler.await.unwrap();
+        assert!(
+            (1..=2).contains(&most),
+            "server connections at once: {most}, pool_size 2"
+        );
+    });
+}
+
+#[test]
 fn session_mode_resets_the_server_before_the_next_client() {
     let (_sb, pg) = primary("px-session");
     let mut cfg = config(&pg, PoolMode::Session);
