@@ -66,6 +66,9 @@ pub struct Row {
     pub latency_p99: Duration,
     /// Pooler CPU per transaction (None for direct connections).
     pub cpu_per_tx: Option<Duration>,
+    /// The user-space part of it: the pooler's own code, without the
+    /// kernel's share (system calls and the loopback network stack).
+    pub user_per_tx: Option<Duration>,
     /// Set when the target could not run the scenario at all.
     pub error: Option<String>,
 }
@@ -85,7 +88,7 @@ pub fn run_matrix(
 ) -> Vec<Row> {
     let mut rows = Vec::new();
     for sc in scenarios {
-        let mut per_target: Vec<Vec<(pgbench::PgbenchResult, Option<Duration>)>> =
+        let mut per_target: Vec<Vec<(pgbench::PgbenchResult, Option<(Duration, Duration)>)>> =
             vec![Vec::new(); targets.len()];
         let mut errors: Vec<Option<String>> = vec![None; targets.len()];
         for _ in 0..runs {
@@ -99,7 +102,8 @@ pub fn run_matrix(
                         let cpu = t.pid.and_then(|p| cpu_time(p).ok());
                         let per_tx = match (cpu_before, cpu) {
                             (Some(b), Some(a)) if r.transactions > 0 => {
-                                Some((a - b) / r.transactions as u32)
+                                let n = r.transactions as u32;
+                                Some(((a.total() - b.total()) / n, (a.user - b.user) / n))
                             }
                             _ => None,
                         };
@@ -119,7 +123,8 @@ pub fn run_matrix(
                     .unwrap_or_default(),
                 latency_p99: median(results.iter().map(|r| r.0.latency_p99).collect())
                     .unwrap_or_default(),
-                cpu_per_tx: median(results.iter().filter_map(|r| r.1).collect()),
+                cpu_per_tx: median(results.iter().filter_map(|r| r.1.map(|c| c.0)).collect()),
+                user_per_tx: median(results.iter().filter_map(|r| r.1.map(|c| c.1)).collect()),
                 error: errors[i].clone(),
             });
         }
@@ -132,8 +137,17 @@ pub fn render(rows: &[Row], reference: &str) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<22} {:<12} {:>10} {:>10} {:>10} {:>12} {:>9} {:>9}",
-        "scenario", "target", "tps", "avg ms", "p99 ms", "cpu us/tx", "tps/ref", "cpu/ref"
+        "{:<22} {:<12} {:>10} {:>10} {:>10} {:>12} {:>9} {:>9} {:>11} {:>9}",
+        "scenario",
+        "target",
+        "tps",
+        "avg ms",
+        "p99 ms",
+        "cpu us/tx",
+        "tps/ref",
+        "cpu/ref",
+        "user us/tx",
+        "user/ref"
     );
     for r in rows {
         let reference = rows
@@ -151,16 +165,18 @@ pub fn render(rows: &[Row], reference: &str) -> String {
             }
         };
         let tps_ratio = reference.map_or("-".into(), |x| ratio(r.tps, x.tps));
-        let cpu_ratio = match (r.cpu_per_tx, reference.and_then(|x| x.cpu_per_tx)) {
+        let versus = |mine: Option<Duration>, theirs: Option<Duration>| match (mine, theirs) {
             (Some(a), Some(b)) => ratio(a.as_secs_f64(), b.as_secs_f64()),
             _ => "-".into(),
         };
-        let cpu = r
-            .cpu_per_tx
-            .map_or("-".into(), |d| format!("{:.1}", d.as_secs_f64() * 1e6));
+        let micros =
+            |d: Option<Duration>| d.map_or("-".into(), |d| format!("{:.1}", d.as_secs_f64() * 1e6));
+        let cpu_ratio = versus(r.cpu_per_tx, reference.and_then(|x| x.cpu_per_tx));
+        let user_ratio = versus(r.user_per_tx, reference.and_then(|x| x.user_per_tx));
+        let cpu = micros(r.cpu_per_tx);
         let _ = writeln!(
             out,
-            "{:<22} {:<12} {:>10.0} {:>10.3} {:>10.3} {:>12} {:>9} {:>9}",
+            "{:<22} {:<12} {:>10.0} {:>10.3} {:>10.3} {:>12} {:>9} {:>9} {:>11} {:>9}",
             r.scenario,
             r.target,
             r.tps,
@@ -168,7 +184,9 @@ pub fn render(rows: &[Row], reference: &str) -> String {
             r.latency_p99.as_secs_f64() * 1e3,
             cpu,
             tps_ratio,
-            cpu_ratio
+            cpu_ratio,
+            micros(r.user_per_tx),
+            user_ratio
         );
     }
     out
@@ -194,6 +212,7 @@ mod tests {
             latency_avg: Duration::from_millis(1),
             latency_p99: Duration::from_millis(2),
             cpu_per_tx: cpu_us.map(Duration::from_micros),
+            user_per_tx: cpu_us.map(|us| Duration::from_micros(us / 4)),
             error: error.map(str::to_owned),
         };
         let table = render(

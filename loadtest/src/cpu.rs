@@ -3,8 +3,23 @@
 
 use std::time::Duration;
 
-/// User plus system CPU time of `pid` (all its threads) so far.
-pub fn cpu_time(pid: u32) -> Result<Duration, String> {
+/// CPU time of a process (all its threads) so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuTime {
+    /// In the process's own code (what a pooler's design decides).
+    pub user: Duration,
+    /// In the kernel on its behalf (system calls, network stack).
+    pub system: Duration,
+}
+
+impl CpuTime {
+    pub fn total(&self) -> Duration {
+        self.user + self.system
+    }
+}
+
+/// User and system CPU time of `pid` (all its threads) so far.
+pub fn cpu_time(pid: u32) -> Result<CpuTime, String> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map_err(|e| format!("read /proc/{pid}/stat: {e}"))?;
     parse_stat(&stat, clock_ticks())
@@ -19,8 +34,8 @@ fn clock_ticks() -> u64 {
         .unwrap_or(100)
 }
 
-/// utime + stime (fields 14 and 15) of a /proc/<pid>/stat line.
-fn parse_stat(stat: &str, ticks_per_sec: u64) -> Result<Duration, String> {
+/// utime and stime (fields 14 and 15) of a /proc/<pid>/stat line.
+fn parse_stat(stat: &str, ticks_per_sec: u64) -> Result<CpuTime, String> {
     // The command name (field 2) may contain spaces: count from its ')'.
     let rest = stat
         .rsplit_once(')')
@@ -34,8 +49,11 @@ fn parse_stat(stat: &str, ticks_per_sec: u64) -> Result<Duration, String> {
             .and_then(|f| f.parse().ok())
             .ok_or_else(|| format!("malformed stat field {}: {stat:?}", i + 3))
     };
-    let ticks = field(11)? + field(12)?;
-    Ok(Duration::from_micros(ticks * 1_000_000 / ticks_per_sec))
+    let time = |ticks: u64| Duration::from_micros(ticks * 1_000_000 / ticks_per_sec);
+    Ok(CpuTime {
+        user: time(field(11)?),
+        system: time(field(12)?),
+    })
 }
 
 #[cfg(test)]
@@ -46,7 +64,10 @@ mod tests {
     fn parses_utime_and_stime_even_with_spaces_in_the_name() {
         let stat =
             "1234 (pgha proxy) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 4 0 100 0 0";
-        assert_eq!(parse_stat(stat, 100).unwrap(), Duration::from_secs(3));
+        let t = parse_stat(stat, 100).unwrap();
+        assert_eq!(t.user, Duration::from_millis(2500));
+        assert_eq!(t.system, Duration::from_millis(500));
+        assert_eq!(t.total(), Duration::from_secs(3));
     }
 
     #[test]

@@ -55,17 +55,20 @@ impl Doorbell {
         })
     }
 
+    /// Ready once the bell was rung since the last time it was ready.
+    pub fn poll_rung(&self, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        // Register first: a ring after the check still wakes us.
+        self.waker.register(cx.waker());
+        if self.rung.load(Ordering::Acquire) && self.rung.swap(false, Ordering::AcqRel) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
     /// Resolves once the bell was rung since the last time it resolved.
     pub fn wait(&self) -> impl std::future::Future<Output = ()> + '_ {
-        std::future::poll_fn(move |cx| {
-            // Register first: a ring after the check still wakes us.
-            self.waker.register(cx.waker());
-            if self.rung.load(Ordering::Acquire) && self.rung.swap(false, Ordering::AcqRel) {
-                Poll::Ready(())
-            } else {
-                Poll::Pending
-            }
-        })
+        std::future::poll_fn(move |cx| self.poll_rung(cx))
     }
 }
 

@@ -7,7 +7,10 @@
 
 use std::sync::Arc;
 
-use tokio::io::AsyncReadExt;
+use std::pin::Pin;
+use std::task::Poll;
+
+use tokio_util::io::poll_read_buf;
 
 use super::buffers::{make_room, park_buffer, unpark_buffer};
 use super::{ClientError, ClientIo, Flow, Session, SessionError};
@@ -37,7 +40,9 @@ fn server_lost() -> ClientError {
 }
 
 impl<C: ClientIo> Session<C> {
-    /// Waits for the next event.
+    /// Waits for the next event. Polls the sockets directly, in a fixed
+    /// order (server replies first, so a server is never left blocked on a
+    /// full socket), with no per-turn futures to build.
     async fn next_event(&mut self, bell: &Doorbell) -> Ev {
         let Session {
             client,
@@ -52,32 +57,30 @@ impl<C: ClientIo> Session<C> {
         if !idle {
             make_room(cbuf);
         }
-        let server_read = async {
-            match server.as_mut() {
-                Some(co) => {
-                    make_room(&mut co.conn.rbuf);
-                    co.conn.stream.read_buf(&mut co.conn.rbuf).await
-                }
-                None => std::future::pending().await,
-            }
-        };
-        let client_read = async {
-            if idle {
-                // The buffer is taken only once there is something to read,
-                // and read in the same turn.
-                client.wait_readable().await;
-                unpark_buffer(cbuf);
-            }
-            Ev::Client(client.read_buf(cbuf).await)
-        };
-        tokio::select! {
-            // Fixed order, no random draw per turn: server replies first,
-            // so a server is never left blocked on a full socket.
-            biased;
-            r = server_read => Ev::Server(r),
-            ev = client_read => ev,
-            _ = bell.wait() => Ev::Bell,
+        if let Some(co) = server.as_mut() {
+            make_room(&mut co.conn.rbuf);
         }
+        std::future::poll_fn(|cx| {
+            if let Some(co) = server.as_mut() {
+                let stream = Pin::new(&mut co.conn.stream);
+                if let Poll::Ready(r) = poll_read_buf(stream, cx, &mut co.conn.rbuf) {
+                    return Poll::Ready(Ev::Server(r));
+                }
+            }
+            // A parked client's buffer is taken only once there is
+            // something to read, and read in the same turn.
+            let parked = cbuf.capacity() == 0;
+            if !parked || client.poll_readable(cx).is_ready() {
+                if parked {
+                    unpark_buffer(cbuf);
+                }
+                if let Poll::Ready(r) = poll_read_buf(Pin::new(&mut *client), cx, cbuf) {
+                    return Poll::Ready(Ev::Client(r));
+                }
+            }
+            bell.poll_rung(cx).map(|()| Ev::Bell)
+        })
+        .await
     }
 
     /// Handles one event.
@@ -148,7 +151,12 @@ impl<C: ClientIo> Session<C> {
             }
             let r = self.handle(ev, &mut st).await;
             let Some(flow) = self.recover(r) else { break };
-            if self.flush().await.is_err() {
+            let flushed = match self.flush_now() {
+                Ok(true) => Ok(()),
+                Ok(false) => self.flush().await,
+                Err(e) => Err(e),
+            };
+            if flushed.is_err() {
                 break;
             }
             if matches!(flow, Flow::Quit) || self.drained(&st).await {

@@ -35,10 +35,12 @@ pub use startup::{serve, serve_tcp};
 
 /// A client connection: plain TCP, TLS, or an in-memory pipe in tests.
 pub trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send {
-    /// Waits until a read would find data, when the stream can tell without
-    /// a buffer (plain TCP); streams that cannot return at once. Lets idle
-    /// clients wait without holding a read buffer.
-    fn wait_readable(&self) -> impl std::future::Future<Output = ()> + Send;
+    /// Ready when a read would find data, for streams that can tell
+    /// without a buffer (plain TCP); the others are always ready. Lets
+    /// idle clients wait without holding a read buffer.
+    fn poll_readable(&self, _cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        std::task::Poll::Ready(())
+    }
 
     /// Writes what the socket takes now without waiting (see [`WriteNow`]).
     fn write_now(&mut self, _buf: &[u8]) -> std::io::Result<usize> {
@@ -47,10 +49,10 @@ pub trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send {
 }
 
 impl ClientIo for tokio::net::TcpStream {
-    async fn wait_readable(&self) {
+    fn poll_readable(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
         // The stream's own read-readiness slot, not `readable()`'s queued
         // waiter: no list to join and leave on every transaction.
-        let _ = std::future::poll_fn(|cx| self.poll_read_ready(cx)).await;
+        self.poll_read_ready(cx).map(|_| ())
     }
 
     fn write_now(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -58,14 +60,10 @@ impl ClientIo for tokio::net::TcpStream {
     }
 }
 
-impl ClientIo for tokio::io::DuplexStream {
-    async fn wait_readable(&self) {}
-}
+impl ClientIo for tokio::io::DuplexStream {}
 
-impl ClientIo for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {
-    // rustls may hold decrypted bytes the socket no longer shows.
-    async fn wait_readable(&self) {}
-}
+// rustls may hold decrypted bytes the socket no longer shows: always ready.
+impl ClientIo for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {}
 
 /// A stream that can take bytes without a future: one `send` when the
 /// socket has room, which is almost always. Saves the write future's
@@ -82,19 +80,6 @@ impl WriteNow for tokio::net::TcpStream {
             r => r,
         }
     }
-}
-
-/// Writes all of `buf`: what the socket takes now, the rest when it drains.
-async fn send_all<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    buf: &[u8],
-    now: impl FnOnce(&mut W, &[u8]) -> std::io::Result<usize>,
-) -> std::io::Result<()> {
-    let n = now(w, buf)?;
-    if n < buf.len() {
-        w.write_all(&buf[n..]).await?;
-    }
-    Ok(())
 }
 
 /// Largest message accepted from a server (the protocol's own limit).
@@ -363,10 +348,48 @@ impl<C: ClientIo> Session<C> {
         }
     }
 
-    async fn flush(&mut self) -> Result<(), SessionError> {
+    /// Writes what the sockets take now; `Ok(true)` when nothing is left,
+    /// the common case, which then needs no future and no waiting.
+    fn flush_now(&mut self) -> Result<bool, SessionError> {
         if !self.out_server.is_empty() {
             if let Some(co) = self.server.as_mut() {
-                send_all(&mut co.conn.stream, &self.out_server, WriteNow::write_now)
+                let n = co
+                    .conn
+                    .stream
+                    .write_now(&self.out_server)
+                    .map_err(SessionError::ServerIo)?;
+                if n < self.out_server.len() {
+                    self.out_server.advance(n);
+                    return Ok(false);
+                }
+            }
+            buffers::clear(&mut self.out_server);
+        }
+        if !self.out_client.is_empty() {
+            let n = self
+                .client
+                .write_now(&self.out_client)
+                .map_err(SessionError::ClientIo)?;
+            self.shared.metrics.bytes_out.increment(n as u64);
+            if n < self.out_client.len() {
+                self.out_client.advance(n);
+                return Ok(false);
+            }
+            buffers::clear(&mut self.out_client);
+        }
+        Ok(true)
+    }
+
+    /// Writes everything out, waiting for the sockets when they are full.
+    async fn flush(&mut self) -> Result<(), SessionError> {
+        if self.flush_now()? {
+            return Ok(());
+        }
+        if !self.out_server.is_empty() {
+            if let Some(co) = self.server.as_mut() {
+                co.conn
+                    .stream
+                    .write_all(&self.out_server)
                     .await
                     .map_err(SessionError::ServerIo)?;
             }
@@ -377,7 +400,8 @@ impl<C: ClientIo> Session<C> {
                 .metrics
                 .bytes_out
                 .increment(self.out_client.len() as u64);
-            send_all(&mut self.client, &self.out_client, C::write_now)
+            self.client
+                .write_all(&self.out_client)
                 .await
                 .map_err(SessionError::ClientIo)?;
             buffers::clear(&mut self.out_client);
@@ -445,7 +469,9 @@ impl<C: ClientIo> Session<C> {
             }
             self.cbuf.advance(len);
         }
-        self.flush().await?;
+        if !self.flush_now()? {
+            self.flush().await?;
+        }
         Ok(Flow::Continue)
     }
 
@@ -504,7 +530,9 @@ impl<C: ClientIo> Session<C> {
             self.out_client.extend_from_slice(&conn.rbuf[run..pos]);
             conn.rbuf.advance(pos);
         }
-        self.flush().await?;
+        if !self.flush_now()? {
+            self.flush().await?;
+        }
         let free = self
             .server
             .as_ref()
