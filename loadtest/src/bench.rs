@@ -56,6 +56,9 @@ impl Scenario {
     }
 }
 
+/// CPU per transaction of one run: (user + system, user).
+type PerTx = (Duration, Duration);
+
 /// Medians over the runs of one scenario on one target.
 #[derive(Debug, Clone)]
 pub struct Row {
@@ -88,7 +91,7 @@ pub fn run_matrix(
 ) -> Vec<Row> {
     let mut rows = Vec::new();
     for sc in scenarios {
-        let mut per_target: Vec<Vec<(pgbench::PgbenchResult, Option<(Duration, Duration)>)>> =
+        let mut per_target: Vec<Vec<(pgbench::PgbenchResult, Option<PerTx>)>> =
             vec![Vec::new(); targets.len()];
         let mut errors: Vec<Option<String>> = vec![None; targets.len()];
         for _ in 0..runs {

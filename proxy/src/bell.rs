@@ -21,8 +21,11 @@ use crate::lock;
 #[derive(Debug, Default)]
 pub struct Doorbell {
     rung: AtomicBool,
-    /// The proxy stops: the session ends at its next turn.
+    /// The proxy stops: the session ends at once.
     stopped: AtomicBool,
+    /// Set when the session's message loop registered the waker during
+    /// the current poll (see `until_stopped`).
+    armed: AtomicBool,
     waker: AtomicWaker,
 }
 
@@ -41,24 +44,40 @@ impl Doorbell {
         self.stopped.load(Ordering::Acquire)
     }
 
-    /// Resolves once the proxy stops (at once if it already has). A
-    /// session's message loop needs only [`Doorbell::wait`], which a stop
-    /// also rings.
-    pub fn stopped(&self) -> impl std::future::Future<Output = ()> + '_ {
-        std::future::poll_fn(move |cx| {
-            self.waker.register(cx.waker());
+    /// Runs `work` until it finishes (`Some`) or the proxy stops (`None`;
+    /// `work` is dropped where it waits). While `work` waits on this bell
+    /// (the message loop between transactions) the wake-up is already
+    /// registered; elsewhere (startup, a checkout, a client slow to read)
+    /// it is registered here.
+    pub async fn until_stopped<F: std::future::Future>(&self, work: F) -> Option<F::Output> {
+        let mut work = std::pin::pin!(work);
+        std::future::poll_fn(|cx| {
             if self.is_stopped() {
-                Poll::Ready(())
+                return Poll::Ready(None);
+            }
+            self.armed.store(false, Ordering::Relaxed);
+            if let Poll::Ready(v) = work.as_mut().poll(cx) {
+                return Poll::Ready(Some(v));
+            }
+            if !self.armed.load(Ordering::Relaxed) {
+                self.waker.register(cx.waker());
+            }
+            // Also when armed: a stop whose ring `work` consumed in this
+            // poll set the flag before ringing.
+            if self.is_stopped() {
+                Poll::Ready(None)
             } else {
                 Poll::Pending
             }
         })
+        .await
     }
 
     /// Ready once the bell was rung since the last time it was ready.
     pub fn poll_rung(&self, cx: &mut std::task::Context<'_>) -> Poll<()> {
         // Register first: a ring after the check still wakes us.
         self.waker.register(cx.waker());
+        self.armed.store(true, Ordering::Relaxed);
         if self.rung.load(Ordering::Acquire) && self.rung.swap(false, Ordering::AcqRel) {
             Poll::Ready(())
         } else {
@@ -154,18 +173,39 @@ mod tests {
         let again = tokio::time::timeout(std::time::Duration::from_millis(50), r.bell.wait());
         assert!(again.await.is_err(), "a ring is consumed once");
 
+        // Work that waits on the bell itself (the message loop) ends too.
+        // (A bell wakes one task: this one gets its own.)
+        let other = bells.register();
+        let looping = {
+            tokio::spawn(async move {
+                let bell = &other.bell;
+                bell.until_stopped(async {
+                    loop {
+                        bell.wait().await;
+                    }
+                })
+                .await
+            })
+        };
         let stopper = {
             let r = r.clone();
-            tokio::spawn(async move { r.bell.stopped().await })
+            tokio::spawn(async move { r.bell.until_stopped(std::future::pending::<()>()).await })
         };
         tokio::task::yield_now().await;
         assert!(!stopper.is_finished());
         bells.stop();
-        tokio::time::timeout(std::time::Duration::from_secs(5), stopper)
+        let stopped = tokio::time::timeout(std::time::Duration::from_secs(5), stopper)
             .await
             .expect("woken by stop")
             .expect("stopper task");
-        r.bell.stopped().await; // already stopped: at once
+        assert_eq!(stopped, None);
+        let looped = tokio::time::timeout(std::time::Duration::from_secs(5), looping)
+            .await
+            .expect("the loop is stopped too")
+            .expect("looping task");
+        assert!(looped.is_none());
+        // Already stopped: at once, and the work is not even started.
+        assert_eq!(r.bell.until_stopped(async { 1 }).await, None);
         assert!(
             bells.register().bell.is_stopped(),
             "a bell made after the stop"

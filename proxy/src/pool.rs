@@ -4,9 +4,10 @@
 //! connection storm queues here instead of stampeding Postgres; a client
 //! that waits past `checkout_timeout` gets an error. An idle connection
 //! keeps its slot while nobody waits, so the common checkout and checkin
-//! (every transaction in transaction mode) touch only the idle list. Connections past their
-//! idle timeout or lifetime, closed by the server, or belonging to a backend
-//! that left its role are dropped instead of reused. May call: `server`,
+//! (every transaction in transaction mode) touch only the idle list.
+//! Connections past their idle timeout or lifetime, closed by the server,
+//! or belonging to a backend that left its role are dropped instead of
+//! reused. May call: `server`,
 //! `router`, `config`, tokio sync.
 
 use std::collections::HashMap;
@@ -241,13 +242,12 @@ impl Pool {
         let slot = held.expect("an idle connection with its own slot leaves ours");
         // Boxed: connecting is rare and its state is large; it must not
         // grow every session's future.
-        let conn = Box::pin(ServerConn::connect(
+        let mut conn = Box::pin(ServerConn::connect(
             self.backend.clone(),
             &self.login,
             &self.connect,
         ))
         .await?;
-        let mut conn = conn;
         self.share_params(&mut conn);
         if need_primary && conn.in_recovery {
             return Err(PoolError::WrongRole(self.backend.name.clone()));

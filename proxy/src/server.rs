@@ -67,6 +67,9 @@ impl From<ProtocolError> for ServerError {
 pub struct ParamSet {
     pub list: Vec<(String, String)>,
     pub wire: bytes::Bytes,
+    /// The tracked session settings among them (see `vars`), looked up
+    /// once per server connection instead of once per client.
+    pub vars: Vars,
 }
 
 impl ParamSet {
@@ -76,6 +79,7 @@ impl ParamSet {
             msg::put_parameter_status(&mut wire, k, v);
         }
         ParamSet {
+            vars: Vars::from_params(&list),
             list,
             wire: wire.freeze(),
         }
@@ -350,8 +354,9 @@ impl ServerConn {
                 }
                 b'E' => return Err(rejected(f.body())),
                 b'Z' => {
-                    self.vars = Vars::from_params(&params);
-                    self.params = Arc::new(ParamSet::new(params));
+                    let set = ParamSet::new(params);
+                    self.vars = set.vars.clone();
+                    self.params = Arc::new(set);
                     return Ok(());
                 }
                 _ => {}

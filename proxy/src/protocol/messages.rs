@@ -9,7 +9,7 @@
 
 use bytes::{BufMut, BytesMut};
 use pgwire::messages::response::{ErrorResponse, ReadyForQuery, TransactionStatus};
-use pgwire::messages::startup::{Authentication, BackendKeyData, ParameterStatus, SecretKey};
+use pgwire::messages::startup::{Authentication, BackendKeyData, SecretKey};
 use pgwire::messages::Message;
 
 /// Splits a NUL-terminated UTF-8 string off the front of `buf`.
@@ -170,11 +170,13 @@ pub fn put_auth_sasl_final(buf: &mut BytesMut, data: &[u8]) {
     );
 }
 
+/// ParameterStatus. Written in place: pgwire's type wants two owned
+/// strings, and this goes out on every connect and settings change.
 pub fn put_parameter_status(buf: &mut BytesMut, name: &str, value: &str) {
-    put_pgwire(
-        buf,
-        &ParameterStatus::new(name.to_owned(), value.to_owned()),
-    );
+    put_tagged(buf, b'S', |b| {
+        put_cstr(b, name);
+        put_cstr(b, value);
+    });
 }
 
 pub fn put_backend_key(buf: &mut BytesMut, pid: i32, secret: i32) {
@@ -319,6 +321,21 @@ mod tests {
         let f = split_frame(buf, 1 << 20).unwrap().unwrap();
         assert!(buf.is_empty(), "exactly one frame expected");
         f
+    }
+
+    #[test]
+    fn parameter_status_is_encoded_as_pgwire_encodes_it() {
+        let mut ours = BytesMut::new();
+        put_parameter_status(&mut ours, "TimeZone", "Europe/Berlin");
+        let mut theirs = BytesMut::new();
+        put_pgwire(
+            &mut theirs,
+            &pgwire::messages::startup::ParameterStatus::new(
+                "TimeZone".into(),
+                "Europe/Berlin".into(),
+            ),
+        );
+        assert_eq!(ours, theirs);
     }
 
     #[test]

@@ -145,10 +145,6 @@ impl<C: ClientIo> Session<C> {
         };
         loop {
             let ev = self.next_event(&bell).await;
-            if matches!(ev, Ev::Bell) && bell.is_stopped() {
-                // Stopping at once: the client and its server just close.
-                return;
-            }
             let r = self.handle(ev, &mut st).await;
             let Some(flow) = self.recover(r) else { break };
             let flushed = match self.flush_now() {

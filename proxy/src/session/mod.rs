@@ -297,7 +297,7 @@ impl<C: ClientIo> Session<C> {
         if self.told.list.is_empty() {
             self.out_client.extend_from_slice(&params.wire);
             // The client's own startup values win, and it is told so.
-            let mut vars = Vars::from_params(&params.list);
+            let mut vars = params.vars.clone();
             for (k, v) in self.vars.iter() {
                 msg::put_parameter_status(&mut self.out_client, k, v);
             }
@@ -607,6 +607,10 @@ impl<C: ClientIo> Session<C> {
 
     /// The client left: keep its server only if it is clean.
     async fn finish(mut self) {
+        // The read buffer goes back to the shelf for the next client.
+        if self.cbuf.capacity() > 0 {
+            buffers::park_buffer(&mut self.cbuf);
+        }
         let Some(mut co) = self.server.take() else {
             return;
         };

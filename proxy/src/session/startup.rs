@@ -82,16 +82,16 @@ async fn negotiate(shared: &Shared, mut stream: tokio::net::TcpStream) -> Negoti
 pub async fn serve_tcp(shared: Arc<Shared>, stream: tokio::net::TcpStream, route: Route) {
     let registered = shared.bells.register();
     let bell = registered.bell.clone();
-    let negotiated = tokio::select! {
-        n = Box::pin(negotiate(&shared, stream)) => n,
-        _ = bell.stopped() => return,
+    let work = async move {
+        match Box::pin(negotiate(&shared, stream)).await {
+            Negotiated::Plain(stream, buf) => serve(shared, stream, route, buf, bell).await,
+            Negotiated::Tls(tls) => {
+                Box::pin(serve(shared, *tls, route, BytesMut::new(), bell)).await
+            }
+            Negotiated::Done => {}
+        }
     };
-    match negotiated {
-        Negotiated::Plain(stream, buf) => serve(shared, stream, route, buf, bell).await,
-        Negotiated::Tls(tls) => Box::pin(serve(shared, *tls, route, BytesMut::new(), bell)).await,
-        Negotiated::Done => {}
-    }
-    drop(registered);
+    registered.bell.until_stopped(work).await;
 }
 
 /// Serves one client connection to the end; `buf` holds bytes already
@@ -110,14 +110,8 @@ pub async fn serve<C>(
     let over = guard.over_limit;
     // Boxed: the handshake's state is large and short-lived; it must not
     // inflate every idle client's task.
-    let stop = bell.clone();
     let hs = Box::pin(handshake(shared, client, route, over, buf, bell));
-    let started = tokio::select! {
-        r = tokio::time::timeout(timeout, hs) => r,
-        _ = stop.stopped() => return,
-    };
-    match started {
-        // The message loop ends on a stop by itself (see `Doorbell`).
+    match tokio::time::timeout(timeout, hs).await {
         Ok(Some(session)) => session.run().await,
         Ok(None) => {}
         Err(_) => tracing::info!("client did not finish startup within {timeout:?}"),
