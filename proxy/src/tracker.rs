@@ -175,6 +175,8 @@ impl Tracker {
                 self.queue.front(),
                 Some(Pending::HiddenQuery | Pending::Describe)
             ),
+            // Inside a simple query, only its ReadyForQuery counts.
+            b'C' | b'I' | b's' => matches!(self.queue.front(), Some(Pending::Query)),
             _ => false,
         }
     }

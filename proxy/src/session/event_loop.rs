@@ -2,14 +2,17 @@
 //! server bytes, a routing change, a drain request), hands it to the
 //! session's handlers, and decides when the session ends.
 //!
-//! Idle clients wait for readability without holding a read buffer. May
+//! Idle clients wait without holding a read buffer: their first read lands
+//! on the stack, and a buffer is taken only for bytes to keep. May
 //! call: the session's handlers, tokio I/O.
 
 use std::sync::Arc;
 
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::Poll;
 
+use tokio::io::ReadBuf;
 use tokio_util::io::poll_read_buf;
 
 use super::buffers::{make_room, park_buffer, unpark_buffer};
@@ -17,6 +20,10 @@ use super::{ClientError, ClientIo, Flow, Session, SessionError};
 use crate::bell::Doorbell;
 use crate::metrics::ErrorKind;
 use crate::protocol::messages as msg;
+
+/// Bytes an idle client's first read takes on the stack: a whole typical
+/// request, so most transactions start with one read.
+const FIRST_READ: usize = 1024;
 
 /// What woke the session.
 enum Ev {
@@ -67,16 +74,21 @@ impl<C: ClientIo> Session<C> {
                     return Poll::Ready(Ev::Server(r));
                 }
             }
-            // A parked client's buffer is taken only once there is
-            // something to read, and read in the same turn.
-            let parked = cbuf.capacity() == 0;
-            if !parked || client.poll_readable(cx).is_ready() {
-                if parked {
-                    unpark_buffer(cbuf);
+            if cbuf.capacity() == 0 {
+                // Parked: read into the stack, and take a buffer only once
+                // there is something to keep.
+                let mut first = [MaybeUninit::<u8>::uninit(); FIRST_READ];
+                let mut rb = ReadBuf::uninit(&mut first);
+                if let Poll::Ready(r) = Pin::new(&mut *client).poll_read(cx, &mut rb) {
+                    let n = rb.filled().len();
+                    if r.is_ok() && n > 0 {
+                        unpark_buffer(cbuf);
+                        cbuf.extend_from_slice(rb.filled());
+                    }
+                    return Poll::Ready(Ev::Client(r.map(|()| n)));
                 }
-                if let Poll::Ready(r) = poll_read_buf(Pin::new(&mut *client), cx, cbuf) {
-                    return Poll::Ready(Ev::Client(r));
-                }
+            } else if let Poll::Ready(r) = poll_read_buf(Pin::new(&mut *client), cx, cbuf) {
+                return Poll::Ready(Ev::Client(r));
             }
             bell.poll_rung(cx).map(|()| Ev::Bell)
         })

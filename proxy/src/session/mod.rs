@@ -35,13 +35,6 @@ pub use startup::{serve, serve_tcp};
 
 /// A client connection: plain TCP, TLS, or an in-memory pipe in tests.
 pub trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send {
-    /// Ready when a read would find data, for streams that can tell
-    /// without a buffer (plain TCP); the others are always ready. Lets
-    /// idle clients wait without holding a read buffer.
-    fn poll_readable(&self, _cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
-        std::task::Poll::Ready(())
-    }
-
     /// Writes what the socket takes now without waiting (see [`WriteNow`]).
     fn write_now(&mut self, _buf: &[u8]) -> std::io::Result<usize> {
         Ok(0)
@@ -49,12 +42,6 @@ pub trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send {
 }
 
 impl ClientIo for tokio::net::TcpStream {
-    fn poll_readable(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
-        // The stream's own read-readiness slot, not `readable()`'s queued
-        // waiter: no list to join and leave on every transaction.
-        self.poll_read_ready(cx).map(|_| ())
-    }
-
     fn write_now(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         WriteNow::write_now(self, buf)
     }
