@@ -9,9 +9,11 @@
 //! May call: `atomic_waker`.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::Poll;
+use std::task::{Context, Poll};
 
 use atomic_waker::AtomicWaker;
 
@@ -49,28 +51,8 @@ impl Doorbell {
     /// (the message loop between transactions) the wake-up is already
     /// registered; elsewhere (startup, a checkout, a client slow to read)
     /// it is registered here.
-    pub async fn until_stopped<F: std::future::Future>(&self, work: F) -> Option<F::Output> {
-        let mut work = std::pin::pin!(work);
-        std::future::poll_fn(|cx| {
-            if self.is_stopped() {
-                return Poll::Ready(None);
-            }
-            self.armed.store(false, Ordering::Relaxed);
-            if let Poll::Ready(v) = work.as_mut().poll(cx) {
-                return Poll::Ready(Some(v));
-            }
-            if !self.armed.load(Ordering::Relaxed) {
-                self.waker.register(cx.waker());
-            }
-            // Also when armed: a stop whose ring `work` consumed in this
-            // poll set the flag before ringing.
-            if self.is_stopped() {
-                Poll::Ready(None)
-            } else {
-                Poll::Pending
-            }
-        })
-        .await
+    pub fn until_stopped<F: Future>(&self, work: F) -> UntilStopped<'_, F> {
+        UntilStopped { bell: self, work }
     }
 
     /// Ready once the bell was rung since the last time it was ready.
@@ -88,6 +70,44 @@ impl Doorbell {
     /// Resolves once the bell was rung since the last time it resolved.
     pub fn wait(&self) -> impl std::future::Future<Output = ()> + '_ {
         std::future::poll_fn(move |cx| self.poll_rung(cx))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// See [`Doorbell::until_stopped`]. A plain struct, not an `async fn`:
+    /// the session's whole future lives in it once, not twice (an `async
+    /// fn` would keep its argument beside the pinned copy), which is most
+    /// of what an idle client costs.
+    pub struct UntilStopped<'a, F> {
+        bell: &'a Doorbell,
+        #[pin]
+        work: F,
+    }
+}
+
+impl<F: Future> Future for UntilStopped<'_, F> {
+    type Output = Option<F::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let bell = *this.bell;
+        if bell.is_stopped() {
+            return Poll::Ready(None);
+        }
+        bell.armed.store(false, Ordering::Relaxed);
+        if let Poll::Ready(v) = this.work.poll(cx) {
+            return Poll::Ready(Some(v));
+        }
+        if !bell.armed.load(Ordering::Relaxed) {
+            bell.waker.register(cx.waker());
+        }
+        // Also when armed: a stop whose ring `work` consumed in this poll
+        // set the flag before ringing.
+        if bell.is_stopped() {
+            Poll::Ready(None)
+        } else {
+            Poll::Pending
+        }
     }
 }
 

@@ -351,6 +351,9 @@ pub struct Pools {
     cfg: arc_swap::ArcSwap<Config>,
     server_tls: arc_swap::ArcSwapOption<ServerTls>,
     map: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+    /// The pool handed out last: most connects ask for the same one, and
+    /// this spares them building and hashing a key.
+    last: Mutex<Option<Arc<Pool>>>,
 }
 
 impl Pools {
@@ -359,11 +362,27 @@ impl Pools {
             cfg: arc_swap::ArcSwap::new(cfg),
             server_tls: arc_swap::ArcSwapOption::empty(),
             map: Mutex::new(HashMap::new()),
+            last: Mutex::new(None),
         }
     }
 
     /// The pool for this login on `backend`, created on first use.
     pub fn get(&self, backend: &Arc<Backend>, login: &Login, route: Route) -> Arc<Pool> {
+        if let Some(p) = lock(&self.last).as_ref() {
+            let same = p.route == route
+                && p.login.user == login.user
+                && p.login.database == login.database
+                && *p.backend == **backend;
+            if same && !p.is_retired() {
+                return p.clone();
+            }
+        }
+        let p = self.lookup(backend, login, route);
+        *lock(&self.last) = Some(p.clone());
+        p
+    }
+
+    fn lookup(&self, backend: &Arc<Backend>, login: &Login, route: Route) -> Arc<Pool> {
         let key = (
             login.database.clone(),
             login.user.clone(),
