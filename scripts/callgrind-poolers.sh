@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# User-space instructions per transaction of pgha-proxy and PgBouncer, under
+# callgrind: deterministic where timings on a shared machine are not.
+#
+#   ./scripts/callgrind-poolers.sh [simple|extended|storm]
+#
+# Starts a scratch PostgreSQL 15 (pgbench scale 10), then for each pooler
+# (transaction mode, pool size 32) runs pgbench -S twice under valgrind
+# (--tool=callgrind) with 32 clients (storm: 8 clients, -C) and reports the
+# difference between the two runs per extra transaction, so start-up costs
+# cancel out. Needs a release build (cargo build --release -p pgha-proxy),
+# valgrind, pgbouncer and PostgreSQL 15 from Debian; runs as root (the
+# servers run as the postgres user). Everything lives in a temporary
+# directory removed at the end.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mode=${1:-simple}
+proxy=$PWD/target/release/pgha-proxy
+[ -x "$proxy" ] || { echo "build first: cargo build --release -p pgha-proxy" >&2; exit 1; }
+command -v valgrind >/dev/null || { echo "needs valgrind (apt-get install valgrind)" >&2; exit 1; }
+
+dir=$(mktemp -d /tmp/pgha-callgrind.XXXXXX)
+chown postgres "$dir"
+bin=/usr/lib/postgresql/15/bin
+as_pg=(setpriv --reuid=postgres --regid=postgres --init-groups)
+cleanup() {
+  "${as_pg[@]}" "$bin/pg_ctl" -D "$dir/data" -m immediate stop >/dev/null 2>&1 || true
+  rm -rf "$dir"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+pg_port=$(free_port); bouncer_port=$(free_port); rw=$(free_port); ro=$(free_port); admin=$(free_port)
+
+"${as_pg[@]}" "$bin/initdb" -D "$dir/data" -A trust -U postgres >/dev/null
+cat >>"$dir/data/postgresql.conf" <<EOF
+port = $pg_port
+listen_addresses = '127.0.0.1'
+unix_socket_directories = '$dir'
+max_connections = 200
+shared_buffers = 256MB
+fsync = off
+EOF
+"${as_pg[@]}" "$bin/pg_ctl" -D "$dir/data" -l "$dir/pg.log" -w start >/dev/null
+pgbench -i -q -s 10 -h 127.0.0.1 -p "$pg_port" -U postgres postgres >/dev/null 2>&1
+
+cat >"$dir/pgbouncer.ini" <<EOF
+[databases]
+postgres = host=127.0.0.1 port=$pg_port dbname=postgres
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $bouncer_port
+unix_socket_dir =
+auth_type = trust
+auth_file = $dir/users.txt
+pool_mode = transaction
+default_pool_size = 32
+max_client_conn = 20000
+ignore_startup_parameters = extra_float_digits
+logfile =
+pidfile =
+log_connections = 0
+log_disconnections = 0
+EOF
+echo '"postgres" ""' >"$dir/users.txt"
+cat >"$dir/proxy.toml" <<EOF
+id = "callgrind"
+listen_rw = "127.0.0.1:$rw"
+listen_ro = "127.0.0.1:$ro"
+listen_admin = "127.0.0.1:$admin"
+pool_mode = "transaction"
+pool_size = 32
+auth_method = "trust"
+max_client_conn = 20000
+[[backends]]
+name = "primary"
+port = $pg_port
+role = "primary"
+EOF
+chown -R postgres "$dir"
+
+case $mode in
+  simple | extended) clients=32; short=500; long=1500; args=(-M "$mode") ;;
+  storm) clients=8; short=100; long=300; args=(-M simple -C) ;;
+  *) echo "mode: simple, extended or storm" >&2; exit 2 ;;
+esac
+
+# Instructions the pooler ran while pgbench did `tx` transactions per client.
+measure() {
+  local who=$1 port=$2 tx=$3 pid out
+  shift 3
+  rm -f "$dir"/cg.out.*
+  "${as_pg[@]}" valgrind --tool=callgrind --callgrind-out-file="$dir/cg.out.%p" "$@" \
+    >"$dir/$who.log" 2>&1 &
+  pid=$!
+  for _ in $(seq 150); do pg_isready -q -h 127.0.0.1 -p "$port" -U postgres && break; sleep 0.2; done
+  pgbench -n -S "${args[@]}" -c "$clients" -j 1 -t "$tx" -h 127.0.0.1 -p "$port" -U postgres postgres \
+    >"$dir/pgbench.log" 2>&1 || { cat "$dir/pgbench.log" >&2; exit 1; }
+  kill -INT "$pid"; wait "$pid" || true
+  out=$(ls "$dir"/cg.out.* | head -1)
+  callgrind_annotate "$out" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}'
+}
+
+echo "pgbench -S $mode, $clients clients; user-space instructions per transaction (callgrind)"
+for who in pgbouncer pgha-proxy; do
+  if [ "$who" = pgbouncer ]; then cmd=(/usr/sbin/pgbouncer "$dir/pgbouncer.ini"); port=$bouncer_port
+  else cmd=("$proxy" --config "$dir/proxy.toml"); port=$rw; fi
+  a=$(measure "$who" "$port" "$short" "${cmd[@]}")
+  b=$(measure "$who" "$port" "$long" "${cmd[@]}")
+  echo "$who: $(( (b - a) / (clients * (long - short)) ))"
+done
