@@ -56,7 +56,7 @@ impl Doorbell {
     }
 
     /// Ready once the bell was rung since the last time it was ready.
-    pub fn poll_rung(&self, cx: &mut std::task::Context<'_>) -> Poll<()> {
+    pub fn poll_rung(&self, cx: &mut Context<'_>) -> Poll<()> {
         // Register first: a ring after the check still wakes us.
         self.waker.register(cx.waker());
         self.armed.store(true, Ordering::Relaxed);
@@ -65,11 +65,6 @@ impl Doorbell {
         } else {
             Poll::Pending
         }
-    }
-
-    /// Resolves once the bell was rung since the last time it resolved.
-    pub fn wait(&self) -> impl std::future::Future<Output = ()> + '_ {
-        std::future::poll_fn(move |cx| self.poll_rung(cx))
     }
 }
 
@@ -174,13 +169,18 @@ impl Bells {
 mod tests {
     use super::*;
 
+    /// Resolves once the bell was rung, as the message loop sees it.
+    fn rung(bell: &Doorbell) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| bell.poll_rung(cx))
+    }
+
     #[tokio::test]
     async fn a_ring_wakes_a_waiting_session_once_and_stop_wakes_it_for_good() {
         let bells = Arc::new(Bells::default());
         let r = Arc::new(bells.register());
         let waiter = {
             let r = r.clone();
-            tokio::spawn(async move { r.bell.wait().await })
+            tokio::spawn(async move { rung(&r.bell).await })
         };
         tokio::task::yield_now().await;
         assert!(!waiter.is_finished(), "not rung yet");
@@ -190,7 +190,7 @@ mod tests {
             .expect("woken by the ring")
             .expect("waiter task");
         // Consumed: a second wait pends until the next ring.
-        let again = tokio::time::timeout(std::time::Duration::from_millis(50), r.bell.wait());
+        let again = tokio::time::timeout(std::time::Duration::from_millis(50), rung(&r.bell));
         assert!(again.await.is_err(), "a ring is consumed once");
 
         // Work that waits on the bell itself (the message loop) ends too.
@@ -201,7 +201,7 @@ mod tests {
                 let bell = &other.bell;
                 bell.until_stopped(async {
                     loop {
-                        bell.wait().await;
+                        rung(bell).await;
                     }
                 })
                 .await

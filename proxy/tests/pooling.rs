@@ -201,13 +201,7 @@ fn waiting_clients_get_a_returned_connection_at_once_and_the_pool_stays_within_i
     let pg_port = pg.port();
     p.rt.block_on(async {
         // The server's view: client backends other than this observer.
-        let (observer, conn) = tokio_postgres::connect(
-            &format!("host=127.0.0.1 port={pg_port} user=postgres dbname=postgres"),
-            tokio_postgres::NoTls,
-        )
-        .await
-        .unwrap();
-        tokio::spawn(conn);
+        let observer = Running::client(pg_port).await;
         let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let sampler = {
             let done = done.clone();

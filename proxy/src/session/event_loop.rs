@@ -161,7 +161,7 @@ impl<C: ClientIo> Session<C> {
             let Some(flow) = self.recover(r) else { break };
             let flushed = match self.flush_now() {
                 Ok(true) => Ok(()),
-                Ok(false) => self.flush().await,
+                Ok(false) => self.flush_rest().await,
                 Err(e) => Err(e),
             };
             if flushed.is_err() {

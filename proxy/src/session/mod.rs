@@ -5,17 +5,19 @@
 //! back when its ReadyForQuery says idle with nothing outstanding; in
 //! session mode it stays attached until the client leaves. A leader change
 //! detaches servers that left their role. May call: `auth`, `pool`,
-//! `topology`, `router`, `cancel`, `protocol`, `forward`, `buffers`, `vars`.
+//! `topology`, `router`, `cancel`, `protocol`, `forward`, `buffers`, `io`,
+//! `vars`.
 
 mod buffers;
 mod event_loop;
 mod forward;
+mod io;
 mod startup;
 
 use std::sync::Arc;
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 use crate::bell::Doorbell;
 use crate::cancel::Registration;
@@ -31,43 +33,8 @@ use crate::vars::Vars;
 use crate::Shared;
 use forward::{ClientStatements, Out};
 
+pub use io::{ClientIo, WriteNow};
 pub use startup::{serve, serve_tcp};
-
-/// A client connection: plain TCP, TLS, or an in-memory pipe in tests.
-pub trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send {
-    /// Writes what the socket takes now without waiting (see [`WriteNow`]).
-    fn write_now(&mut self, _buf: &[u8]) -> std::io::Result<usize> {
-        Ok(0)
-    }
-}
-
-impl ClientIo for tokio::net::TcpStream {
-    fn write_now(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        WriteNow::write_now(self, buf)
-    }
-}
-
-impl ClientIo for tokio::io::DuplexStream {}
-
-// rustls may hold decrypted bytes the socket no longer shows: always ready.
-impl ClientIo for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {}
-
-/// A stream that can take bytes without a future: one `send` when the
-/// socket has room, which is almost always. Saves the write future's
-/// machinery twice per transaction.
-pub trait WriteNow {
-    /// Bytes written now; 0 when the socket is full or cannot tell.
-    fn write_now(&mut self, buf: &[u8]) -> std::io::Result<usize>;
-}
-
-impl WriteNow for tokio::net::TcpStream {
-    fn write_now(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match self.try_write(buf) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(0),
-            r => r,
-        }
-    }
-}
 
 /// Largest message accepted from a server (the protocol's own limit).
 const MAX_SERVER_MESSAGE: usize = i32::MAX as usize;
@@ -372,6 +339,13 @@ impl<C: ClientIo> Session<C> {
         if self.flush_now()? {
             return Ok(());
         }
+        self.flush_rest().await
+    }
+
+    /// What [`Session::flush_now`] left: waits for the sockets to drain.
+    /// Hot paths call the two themselves, so the common case builds no
+    /// future.
+    async fn flush_rest(&mut self) -> Result<(), SessionError> {
         if !self.out_server.is_empty() {
             if let Some(co) = self.server.as_mut() {
                 co.conn
@@ -457,7 +431,7 @@ impl<C: ClientIo> Session<C> {
             self.cbuf.advance(len);
         }
         if !self.flush_now()? {
-            self.flush().await?;
+            self.flush_rest().await?;
         }
         Ok(Flow::Continue)
     }
@@ -518,7 +492,7 @@ impl<C: ClientIo> Session<C> {
             conn.rbuf.advance(pos);
         }
         if !self.flush_now()? {
-            self.flush().await?;
+            self.flush_rest().await?;
         }
         let free = self
             .server

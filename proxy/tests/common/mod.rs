@@ -82,7 +82,8 @@ impl Running {
         format!("host=127.0.0.1 port={port} user=postgres dbname=postgres")
     }
 
-    /// A tokio-postgres client through the proxy on `port`.
+    /// A tokio-postgres client of 127.0.0.1:`port`: the proxy's, or a
+    /// server's directly.
     pub async fn client(port: u16) -> tokio_postgres::Client {
         let (c, conn) = tokio_postgres::connect(
             &format!("host=127.0.0.1 port={port} user=postgres dbname=postgres"),
