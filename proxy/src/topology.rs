@@ -6,6 +6,7 @@
 //! that wait for a leader or for the end of a pause. May call: `router`,
 //! `arc_swap`, tokio sync.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +19,9 @@ use crate::router::RoutingTable;
 #[derive(Debug)]
 pub struct Topology {
     table: ArcSwap<RoutingTable>,
+    /// The stored table's epoch, written after the table: a session that
+    /// reads a new epoch then loads that table (or a newer one).
+    epoch: AtomicU64,
     changed: watch::Sender<u64>,
 }
 
@@ -25,9 +29,16 @@ impl Topology {
     pub fn new(table: RoutingTable) -> Topology {
         let (changed, _) = watch::channel(table.epoch);
         Topology {
+            epoch: AtomicU64::new(table.epoch),
             table: ArcSwap::from_pointee(table),
             changed,
         }
+    }
+
+    /// The current table's epoch: one atomic load, for checks made on
+    /// every client message.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
     }
 
     /// The table now.
@@ -39,6 +50,7 @@ impl Topology {
     pub fn store(&self, table: RoutingTable) {
         let epoch = table.epoch;
         self.table.store(Arc::new(table));
+        self.epoch.store(epoch, Ordering::Release);
         self.changed.send_replace(epoch);
     }
 

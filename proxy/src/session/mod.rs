@@ -108,6 +108,9 @@ struct Session<C> {
     owed: Option<ClientError>,
     /// The pool last used, so a transaction needs no pool-map lookup.
     pool_cache: Option<(Arc<Backend>, Arc<Pool>)>,
+    /// Epoch of the routing table the attached server was last checked
+    /// against (see `on_client_data`).
+    seen_epoch: u64,
 }
 
 impl<C: ClientIo> Session<C> {
@@ -133,6 +136,7 @@ impl<C: ClientIo> Session<C> {
                             self.cancel.slot.attach(backend, co.conn.key);
                             self.tell_params(&co.conn.params);
                             self.server = Some(co);
+                            self.seen_epoch = table.epoch;
                             return Ok(());
                         }
                     }
@@ -203,6 +207,7 @@ impl<C: ClientIo> Session<C> {
                     self.cancel.slot.attach(backend, co.conn.key);
                     self.tell_params(&co.conn.params);
                     self.server = Some(co);
+                    self.seen_epoch = table.epoch;
                     return Ok(());
                 }
                 // The leader key moved before promotion finished: wait for
@@ -394,6 +399,13 @@ impl<C: ClientIo> Session<C> {
             if tag == b'X' {
                 return Ok(Flow::Quit);
             }
+            // The table changed since this server was chosen (the bell may
+            // not have rung yet): nothing more goes to a server off its role.
+            if self.server.is_some() && self.shared.topology.epoch() != self.seen_epoch {
+                if let Flow::Quit = self.on_topology() {
+                    return Ok(Flow::Quit);
+                }
+            }
             if self.skipping {
                 if tag == b'S' {
                     self.skipping = false;
@@ -548,6 +560,7 @@ impl<C: ClientIo> Session<C> {
     /// closed (no write ever reaches a demoted node).
     fn on_topology(&mut self) -> Flow {
         let table = self.shared.topology.load();
+        self.seen_epoch = table.epoch;
         let fallback = self.cfg.ro_fallback_to_leader;
         let stale = self
             .server

@@ -295,6 +295,7 @@ where
         skipping: false,
         owed: None,
         pool_cache: None,
+        seen_epoch: 0,
     };
     if let Err(ClientError { code, message }) = s.startup_params().await {
         fatal(&mut s.client, code, &message).await;
