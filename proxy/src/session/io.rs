@@ -1,8 +1,11 @@
-//! What the session needs of a client stream beyond reading and writing:
-//! a write that goes out now without a future, when the stream can. May
-//! call: tokio I/O.
+//! What the session needs of a client stream beyond reading and writing
+//! (a write that goes out now without a future, when the stream can), and
+//! the session's own flushes built on it. May call: tokio I/O, `buffers`.
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use bytes::Buf;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+use super::{buffers, Session, SessionError};
 
 /// A client connection: plain TCP, TLS, or an in-memory pipe in tests.
 pub trait ClientIo: AsyncRead + AsyncWrite + WriteNow + Unpin + Send {}
@@ -33,3 +36,73 @@ impl WriteNow for tokio::net::TcpStream {
 impl WriteNow for tokio::io::DuplexStream {}
 
 impl WriteNow for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {}
+
+impl<C: ClientIo> Session<C> {
+    /// Writes what the sockets take now; `Ok(true)` when nothing is left,
+    /// the common case, which then needs no future and no waiting.
+    pub(super) fn flush_now(&mut self) -> Result<bool, SessionError> {
+        if !self.out_server.is_empty() {
+            if let Some(co) = self.server.as_mut() {
+                let n = co
+                    .conn
+                    .stream
+                    .write_now(&self.out_server)
+                    .map_err(SessionError::ServerIo)?;
+                if n < self.out_server.len() {
+                    self.out_server.advance(n);
+                    return Ok(false);
+                }
+            }
+            buffers::clear(&mut self.out_server);
+        }
+        if !self.out_client.is_empty() {
+            let n = self
+                .client
+                .write_now(&self.out_client)
+                .map_err(SessionError::ClientIo)?;
+            self.shared.metrics.bytes_out.increment(n as u64);
+            if n < self.out_client.len() {
+                self.out_client.advance(n);
+                return Ok(false);
+            }
+            buffers::clear(&mut self.out_client);
+        }
+        Ok(true)
+    }
+
+    /// Writes everything out, waiting for the sockets when they are full.
+    pub(super) async fn flush(&mut self) -> Result<(), SessionError> {
+        if self.flush_now()? {
+            return Ok(());
+        }
+        self.flush_rest().await
+    }
+
+    /// What [`Session::flush_now`] left: waits for the sockets to drain.
+    /// Hot paths call the two themselves, so the common case builds no
+    /// future.
+    pub(super) async fn flush_rest(&mut self) -> Result<(), SessionError> {
+        if !self.out_server.is_empty() {
+            if let Some(co) = self.server.as_mut() {
+                co.conn
+                    .stream
+                    .write_all(&self.out_server)
+                    .await
+                    .map_err(SessionError::ServerIo)?;
+            }
+            buffers::clear(&mut self.out_server);
+        }
+        if !self.out_client.is_empty() {
+            self.shared
+                .metrics
+                .bytes_out
+                .increment(self.out_client.len() as u64);
+            self.client
+                .write_all(&self.out_client)
+                .await
+                .map_err(SessionError::ClientIo)?;
+            buffers::clear(&mut self.out_client);
+        }
+        Ok(())
+    }
+}

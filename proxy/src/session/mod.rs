@@ -13,11 +13,12 @@ mod event_loop;
 mod forward;
 mod io;
 mod startup;
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 
 use bytes::{Buf, BytesMut};
-use tokio::io::AsyncWriteExt;
 
 use crate::bell::Doorbell;
 use crate::cancel::Registration;
@@ -305,74 +306,6 @@ impl<C: ClientIo> Session<C> {
             let clean = co.conn.tracker.is_free() && !co.conn.discard;
             co.checkin(clean);
         }
-    }
-
-    /// Writes what the sockets take now; `Ok(true)` when nothing is left,
-    /// the common case, which then needs no future and no waiting.
-    fn flush_now(&mut self) -> Result<bool, SessionError> {
-        if !self.out_server.is_empty() {
-            if let Some(co) = self.server.as_mut() {
-                let n = co
-                    .conn
-                    .stream
-                    .write_now(&self.out_server)
-                    .map_err(SessionError::ServerIo)?;
-                if n < self.out_server.len() {
-                    self.out_server.advance(n);
-                    return Ok(false);
-                }
-            }
-            buffers::clear(&mut self.out_server);
-        }
-        if !self.out_client.is_empty() {
-            let n = self
-                .client
-                .write_now(&self.out_client)
-                .map_err(SessionError::ClientIo)?;
-            self.shared.metrics.bytes_out.increment(n as u64);
-            if n < self.out_client.len() {
-                self.out_client.advance(n);
-                return Ok(false);
-            }
-            buffers::clear(&mut self.out_client);
-        }
-        Ok(true)
-    }
-
-    /// Writes everything out, waiting for the sockets when they are full.
-    async fn flush(&mut self) -> Result<(), SessionError> {
-        if self.flush_now()? {
-            return Ok(());
-        }
-        self.flush_rest().await
-    }
-
-    /// What [`Session::flush_now`] left: waits for the sockets to drain.
-    /// Hot paths call the two themselves, so the common case builds no
-    /// future.
-    async fn flush_rest(&mut self) -> Result<(), SessionError> {
-        if !self.out_server.is_empty() {
-            if let Some(co) = self.server.as_mut() {
-                co.conn
-                    .stream
-                    .write_all(&self.out_server)
-                    .await
-                    .map_err(SessionError::ServerIo)?;
-            }
-            buffers::clear(&mut self.out_server);
-        }
-        if !self.out_client.is_empty() {
-            self.shared
-                .metrics
-                .bytes_out
-                .increment(self.out_client.len() as u64);
-            self.client
-                .write_all(&self.out_client)
-                .await
-                .map_err(SessionError::ClientIo)?;
-            buffers::clear(&mut self.out_client);
-        }
-        Ok(())
     }
 
     /// Answers a request that cannot run with `err`, keeping the protocol

@@ -239,7 +239,7 @@ async fn client_login<C: ClientIo>(
     Some((password, scram_keys))
 }
 
-async fn handshake<C>(
+pub(super) async fn handshake<C>(
     shared: Arc<Shared>,
     mut client: C,
     route: Route,
