@@ -11,7 +11,8 @@
 # cancel out. Needs a release build (cargo build --release -p pgha-proxy),
 # valgrind, pgbouncer and PostgreSQL 15 from Debian; runs as root (the
 # servers run as the postgres user). Everything lives in a temporary
-# directory removed at the end.
+# directory removed at the end. With CG_KEEP=DIR, the long run's callgrind
+# profile of each pooler is kept as DIR/<pooler>.cg for callgrind_annotate.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-simple}
@@ -98,6 +99,7 @@ measure() {
     >"$dir/pgbench.log" 2>&1 || { cat "$dir/pgbench.log" >&2; exit 1; }
   kill -INT "$pid"; wait "$pid" || true
   out=$(ls "$dir"/cg.out.* | head -1)
+  if [ -n "${CG_KEEP:-}" ]; then mkdir -p "$CG_KEEP"; cp "$out" "$CG_KEEP/$who.cg"; fi
   callgrind_annotate "$out" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}'
 }
 

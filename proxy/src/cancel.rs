@@ -8,6 +8,7 @@
 //! cancel), tokio sync.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rand::Rng;
@@ -20,26 +21,59 @@ use crate::router::Backend;
 type Target = (Arc<Backend>, (i32, i32));
 
 /// What one client's cancel key points at.
+///
+/// Attach and detach run twice per transaction: they store one atomic (the
+/// server's key) and take the lock only when the client moves to another
+/// backend. A cancel reads the key, the backend, then the key again, and
+/// retries if the key moved meanwhile.
 #[derive(Debug, Default)]
 pub struct CancelSlot {
-    target: Mutex<Option<Target>>,
+    /// The attached server's BackendKeyData, packed; 0: none attached.
+    key: AtomicU64,
+    /// The backend of the server last attached.
+    backend: Mutex<Option<Arc<Backend>>>,
+    /// `backend`'s address, so an attach to the same backend skips the lock
+    /// (only the session writes it; the mutex keeps the backend alive).
+    backend_addr: AtomicUsize,
     /// Signalled when a cancel arrives while no server is attached.
     pub waiting: Notify,
+}
+
+fn pack((pid, secret): (i32, i32)) -> u64 {
+    (u64::from(pid as u32) << 32) | u64::from(secret as u32)
+}
+
+fn unpack(k: u64) -> (i32, i32) {
+    ((k >> 32) as u32 as i32, k as u32 as i32)
 }
 
 impl CancelSlot {
     /// The client now runs on this server connection.
     pub fn attach(&self, backend: Arc<Backend>, key: (i32, i32)) {
-        *lock(&self.target) = Some((backend, key));
+        let addr = Arc::as_ptr(&backend) as usize;
+        if self.backend_addr.load(Ordering::Relaxed) != addr {
+            *lock(&self.backend) = Some(backend);
+            self.backend_addr.store(addr, Ordering::Relaxed);
+        }
+        self.key.store(pack(key), Ordering::Release);
     }
 
     /// The client released its server connection.
     pub fn detach(&self) {
-        *lock(&self.target) = None;
+        self.key.store(0, Ordering::Release);
     }
 
     fn target(&self) -> Option<Target> {
-        lock(&self.target).clone()
+        loop {
+            let before = self.key.load(Ordering::Acquire);
+            if before == 0 {
+                return None;
+            }
+            let backend = lock(&self.backend).clone()?;
+            if self.key.load(Ordering::Acquire) == before {
+                return Some((backend, unpack(before)));
+            }
+        }
     }
 }
 
@@ -125,9 +159,24 @@ mod tests {
             host: "h".into(),
             port: 1,
         });
-        slot.attach(be, (1, 2));
+        slot.attach(be.clone(), (1, 2));
         assert!(slot.target().is_some());
         slot.detach();
         assert!(slot.target().is_none());
+        // The next server, on another backend, with a negative secret.
+        let other = Arc::new(Backend {
+            name: "b".into(),
+            host: "h".into(),
+            port: 2,
+        });
+        slot.attach(other.clone(), (77, -5));
+        let (b, key) = slot.target().unwrap();
+        assert!(Arc::ptr_eq(&b, &other));
+        assert_eq!(key, (77, -5));
+        slot.detach();
+        slot.attach(be.clone(), (i32::MAX, i32::MIN));
+        let (b, key) = slot.target().unwrap();
+        assert!(Arc::ptr_eq(&b, &be));
+        assert_eq!(key, (i32::MAX, i32::MIN));
     }
 }

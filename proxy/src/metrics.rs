@@ -47,6 +47,17 @@ pub struct RouteMetrics {
     pub wait: WaitHistogram,
 }
 
+impl RouteMetrics {
+    /// A ReadyForQuery reached the client: one query done, and a
+    /// transaction when the server is idle again.
+    pub fn ready(&self, status: u8) {
+        self.queries.increment(1);
+        if status == b'I' {
+            self.transactions.increment(1);
+        }
+    }
+}
+
 /// Upper bounds of the wait-time buckets, seconds.
 const WAIT_BUCKETS: [f64; 11] = [
     0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0,

@@ -65,7 +65,6 @@ pub fn reload(shared: &Shared, path: &Path) -> Result<Reloaded, ReloadError> {
     if new.etcd.is_none() && applied.iter().any(|k| k == "backends") {
         let current = shared.topology.load();
         let mut table = RoutingTable::from_static(&new.backends);
-        table.epoch = current.epoch + 1;
         table.paused = current.paused;
         crate::watch::install(shared, table);
     }

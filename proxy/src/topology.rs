@@ -7,7 +7,7 @@
 //! `arc_swap`, tokio sync.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -22,6 +22,8 @@ pub struct Topology {
     /// The stored table's epoch, written after the table: a session that
     /// reads a new epoch then loads that table (or a newer one).
     epoch: AtomicU64,
+    /// Serializes writers, so each stored table gets its own epoch.
+    writer: Mutex<()>,
     changed: watch::Sender<u64>,
 }
 
@@ -31,6 +33,7 @@ impl Topology {
         Topology {
             epoch: AtomicU64::new(table.epoch),
             table: ArcSwap::from_pointee(table),
+            writer: Mutex::new(()),
             changed,
         }
     }
@@ -46,20 +49,29 @@ impl Topology {
         self.table.load_full()
     }
 
-    /// Replaces the table (its epoch should be newer) and wakes waiters.
+    /// Replaces the table and wakes waiters. The table gets the next
+    /// epoch whatever it carried: two writers (the etcd watch, an admin
+    /// pause) never publish different tables under one epoch, which
+    /// sessions rely on to notice every change.
     pub fn store(&self, table: RoutingTable) {
-        let epoch = table.epoch;
-        self.table.store(Arc::new(table));
-        self.epoch.store(epoch, Ordering::Release);
-        self.changed.send_replace(epoch);
+        let _writer = crate::lock(&self.writer);
+        self.store_locked(table);
     }
 
     /// Applies `f` to a copy of the current table and stores it with the next epoch.
     pub fn update(&self, f: impl FnOnce(&mut RoutingTable)) {
+        let _writer = crate::lock(&self.writer);
         let mut t = (*self.load()).clone();
         f(&mut t);
-        t.epoch += 1;
-        self.store(t);
+        self.store_locked(t);
+    }
+
+    fn store_locked(&self, mut table: RoutingTable) {
+        let epoch = self.epoch.load(Ordering::Relaxed) + 1;
+        table.epoch = epoch;
+        self.table.store(Arc::new(table));
+        self.epoch.store(epoch, Ordering::Release);
+        self.changed.send_replace(epoch);
     }
 
     /// A receiver that sees every table change.
@@ -122,6 +134,24 @@ mod tests {
             }))
         });
         assert!(waiter.await.unwrap());
+    }
+
+    #[test]
+    fn every_stored_table_gets_a_new_epoch() {
+        let topo = Topology::new(RoutingTable::default());
+        let before = topo.epoch();
+        // A writer that built its table from an old load still gets a new
+        // epoch, never one a session has seen with other contents.
+        topo.store(RoutingTable {
+            epoch: before,
+            paused: true,
+            ..RoutingTable::default()
+        });
+        assert_eq!(topo.epoch(), before + 1);
+        assert_eq!(topo.load().epoch, before + 1);
+        topo.update(|t| t.paused = false);
+        assert_eq!(topo.epoch(), before + 2);
+        assert!(!topo.load().paused);
     }
 
     #[tokio::test]

@@ -87,6 +87,12 @@ impl Tracker {
         self.queue.is_empty() && !self.unsynced
     }
 
+    /// Every request is synced (a Query or Sync ends the queue): the
+    /// server will answer without waiting for more from the client.
+    pub fn reply_due(&self) -> bool {
+        !self.unsynced && matches!(self.queue.back(), Some(Pending::Query | Pending::Sync))
+    }
+
     /// What the client still waits for if the server vanished now: how many
     /// ReadyForQuery (one per outstanding Sync or simple query), and whether
     /// requests after the last Sync wait for a Sync still to come.
@@ -179,6 +185,24 @@ impl Tracker {
             b'C' | b'I' | b's' => matches!(self.queue.front(), Some(Pending::Query)),
             _ => false,
         }
+    }
+
+    /// The ReadyForQuery that ends the only request outstanding, with no
+    /// fake reply queued: accounts for it and returns its status. `None`:
+    /// take [`Tracker::server_message`]. The common end of a transaction,
+    /// kept cheap.
+    #[inline]
+    pub fn last_ready(&mut self, body: &[u8]) -> Option<u8> {
+        if self.fakes != 0 || self.queue.len() != 1 {
+            return None;
+        }
+        if !matches!(self.queue.front(), Some(Pending::Query | Pending::Sync)) {
+            return None;
+        }
+        let status = crate::protocol::messages::ready_status(body)?;
+        self.status = status;
+        self.queue.clear();
+        Some(status)
     }
 
     /// Accounts for one server message; fake replies due after it are
@@ -309,6 +333,40 @@ mod tests {
             }
         }
         assert!(passing > 20, "the fast path covers rows and notices");
+    }
+
+    #[test]
+    fn the_last_ready_fast_path_accounts_exactly_as_the_general_one() {
+        let states: Vec<Vec<Pending>> = vec![
+            vec![],
+            vec![Pending::Query],
+            vec![Pending::Sync],
+            vec![Pending::HiddenQuery],
+            vec![Pending::HiddenQuery, Pending::Query],
+            vec![Pending::Query, Pending::Query],
+            vec![Pending::Bind, Pending::Sync],
+            vec![Pending::Bind, Pending::Fake(b'3'), Pending::Sync],
+        ];
+        let mut taken = 0;
+        for queue in states {
+            for body in [&b"I"[..], b"T", b"E", b"", b"IX"] {
+                let mut t = Tracker::default();
+                for p in queue.clone() {
+                    t.push(p);
+                }
+                let mut general = t.clone();
+                let mut fakes = Vec::new();
+                let v = general.server_message(b'Z', body, &mut fakes);
+                let Some(status) = t.last_ready(body) else {
+                    continue;
+                };
+                taken += 1;
+                assert!(v.forward && v.unprepared.is_empty() && fakes.is_empty());
+                assert_eq!(t, general, "{queue:?} {body:?}");
+                assert_eq!(Some(status), body.first().copied());
+            }
+        }
+        assert_eq!(taken, 6, "a lone Query or Sync, with each valid status");
     }
 
     fn reply(t: &mut Tracker, msgs: &[(u8, &[u8])]) -> (Vec<bool>, Vec<u8>) {

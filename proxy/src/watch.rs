@@ -99,7 +99,7 @@ pub fn publish(shared: &Shared, view: &ClusterView) {
     );
 }
 
-/// Swaps in `next` (its epoch one past the current table's) if its leader
+/// Swaps in `next` (the topology gives it the next epoch) if its leader
 /// or replicas differ, and closes pools of backends that no longer serve
 /// their route. Used by the etcd watch and by a reload in static mode.
 pub fn install(shared: &Shared, next: crate::router::RoutingTable) {

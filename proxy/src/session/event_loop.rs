@@ -55,8 +55,13 @@ impl<C: ClientIo> Session<C> {
             client,
             cbuf,
             server,
+            awaits_server,
             ..
         } = self;
+        // While the server owes a synced reply, the client is read after
+        // it: saves a readiness registration per request. A client that
+        // pipelines is read as soon as the first reply arrives.
+        let read_client = !(*awaits_server && server.is_some());
         let idle = server.is_none() && cbuf.is_empty();
         if idle && cbuf.capacity() > 0 {
             park_buffer(cbuf);
@@ -74,7 +79,9 @@ impl<C: ClientIo> Session<C> {
                     return Poll::Ready(Ev::Server(r));
                 }
             }
-            if cbuf.capacity() == 0 {
+            if !read_client {
+                // Only the server and the bell.
+            } else if cbuf.capacity() == 0 {
                 // Parked: read into the stack, and take a buffer only once
                 // there is something to keep.
                 let mut first = [MaybeUninit::<u8>::uninit(); FIRST_READ];

@@ -112,6 +112,13 @@ struct Session<C> {
     /// Epoch of the routing table the attached server was last checked
     /// against (see `on_client_data`).
     seen_epoch: u64,
+    /// Epoch of the table in which the cached pool's backend was the only
+    /// choice for this route; 0: choose again (see `attach`).
+    cache_epoch: u64,
+    /// The client's last message was a Query or Sync, so the attached
+    /// server owes a reply that needs nothing more from the client: the
+    /// loop then waits for the server alone (see `next_event`).
+    awaits_server: bool,
 }
 
 impl<C: ClientIo> Session<C> {
@@ -123,6 +130,17 @@ impl<C: ClientIo> Session<C> {
     /// allows (the common case, no allocation), else the slow path, boxed
     /// so its large state does not grow every session.
     async fn attach(&mut self) -> Result<(), ClientError> {
+        // The table has not changed since the cached pool's backend was
+        // the only choice for this route: no table to load, no choice.
+        if self.shared.topology.epoch() == self.cache_epoch {
+            if let Some((b, p)) = self.pool_cache.as_ref().filter(|(_, p)| !p.is_retired()) {
+                if let Some(co) = p.try_checkout_idle() {
+                    let (b, epoch) = (b.clone(), self.cache_epoch);
+                    self.attached(b, co, epoch, std::time::Duration::ZERO);
+                    return Ok(());
+                }
+            }
+        }
         let table = self.shared.topology.load();
         let fallback = self.cfg.ro_fallback_to_leader;
         if !table.paused {
@@ -131,13 +149,9 @@ impl<C: ClientIo> Session<C> {
                 if let Some((b, p)) = &self.pool_cache {
                     if Arc::ptr_eq(b, &backend) && !p.is_retired() {
                         if let Some(co) = p.try_checkout_idle() {
-                            self.shared
-                                .metrics
-                                .wait(self.route, std::time::Duration::ZERO);
-                            self.cancel.slot.attach(backend, co.conn.key);
-                            self.tell_params(&co.conn.params);
-                            self.server = Some(co);
-                            self.seen_epoch = table.epoch;
+                            self.cache_epoch = self.sticky_epoch(&table);
+                            let zero = std::time::Duration::ZERO;
+                            self.attached(backend, co, table.epoch, zero);
                             return Ok(());
                         }
                     }
@@ -145,6 +159,32 @@ impl<C: ClientIo> Session<C> {
             }
         }
         Box::pin(self.attach_slow()).await
+    }
+
+    /// The epoch under which the cached pool may be reused without a new
+    /// choice: the table's when this route had a single candidate in it.
+    fn sticky_epoch(&self, table: &crate::router::RoutingTable) -> u64 {
+        let single = self.route == Route::ReadWrite || table.replicas.len() <= 1;
+        if single && !table.paused {
+            table.epoch
+        } else {
+            0
+        }
+    }
+
+    /// `co`, from `backend` chosen under `epoch`, serves this client now.
+    fn attached(
+        &mut self,
+        backend: Arc<Backend>,
+        co: Checkout,
+        epoch: u64,
+        waited: std::time::Duration,
+    ) {
+        self.shared.metrics.wait(self.route, waited);
+        self.cancel.slot.attach(backend, co.conn.key);
+        self.tell_params(&co.conn.params);
+        self.server = Some(co);
+        self.seen_epoch = epoch;
     }
 
     /// Finds the backend for this route (waiting up to the configured bound
@@ -185,6 +225,7 @@ impl<C: ClientIo> Session<C> {
                 _ => {
                     let p = self.shared.pools.get(&backend, &self.login, route);
                     self.pool_cache = Some((backend.clone(), p.clone()));
+                    self.cache_epoch = 0;
                     p
                 }
             };
@@ -204,11 +245,8 @@ impl<C: ClientIo> Session<C> {
             match co {
                 Ok(co) => {
                     tracing::debug!(backend = %backend.name, waited = ?started.elapsed(), "checked out");
-                    self.shared.metrics.wait(route, started.elapsed());
-                    self.cancel.slot.attach(backend, co.conn.key);
-                    self.tell_params(&co.conn.params);
-                    self.server = Some(co);
-                    self.seen_epoch = table.epoch;
+                    self.cache_epoch = self.sticky_epoch(&table);
+                    self.attached(backend, co, table.epoch, started.elapsed());
                     return Ok(());
                 }
                 // The leader key moved before promotion finished: wait for
@@ -327,6 +365,7 @@ impl<C: ClientIo> Session<C> {
     /// Handles every whole message the client has sent.
     async fn on_client_data(&mut self) -> Result<Flow, SessionError> {
         let max = self.cfg.max_message_size;
+        let mut last = 0;
         while let Some((tag, len)) = peek_frame(&self.cbuf, max)? {
             tracing::trace!(route = self.route.label(), tag = %(tag as char), len, attached = self.server.is_some(), skipping = self.skipping, "client frame");
             if tag == b'X' {
@@ -367,6 +406,7 @@ impl<C: ClientIo> Session<C> {
                 client: &mut self.out_client,
             };
             let frame = &self.cbuf[..len];
+            last = tag;
             if self.cfg.pool_mode == PoolMode::Transaction {
                 let reg = &self.shared.statements;
                 forward::transaction_mode(&mut co.conn, &mut self.stmts, reg, frame, &mut out);
@@ -375,6 +415,11 @@ impl<C: ClientIo> Session<C> {
             }
             self.cbuf.advance(len);
         }
+        self.awaits_server = matches!(last, b'Q' | b'S')
+            && self
+                .server
+                .as_ref()
+                .is_some_and(|co| co.conn.tracker.reply_due());
         if !self.flush_now()? {
             self.flush_rest().await?;
         }
@@ -384,6 +429,7 @@ impl<C: ClientIo> Session<C> {
     /// Handles every whole message the server has sent; releases the server
     /// in transaction mode once it is free.
     async fn on_server_data(&mut self) -> Result<(), SessionError> {
+        self.awaits_server = false;
         if let Some(co) = self.server.as_mut() {
             let m = self.shared.metrics.route(self.route);
             let tx = self.cfg.pool_mode == PoolMode::Transaction;
@@ -394,6 +440,13 @@ impl<C: ClientIo> Session<C> {
                 if conn.tracker.passes(tag) {
                     pos += len;
                     continue;
+                }
+                if tag == b'Z' {
+                    if let Some(status) = conn.tracker.last_ready(&conn.rbuf[pos + 5..pos + len]) {
+                        m.ready(status);
+                        pos += len;
+                        continue;
+                    }
                 }
                 let frame = &conn.rbuf[pos..pos + len];
                 let step = forward::server_frame(&mut conn.tracker, &mut conn.prepared, frame);
@@ -426,10 +479,7 @@ impl<C: ClientIo> Session<C> {
                     run = pos + len;
                 }
                 if let Some(status) = step.ready {
-                    m.queries.increment(1);
-                    if status == b'I' {
-                        m.transactions.increment(1);
-                    }
+                    m.ready(status);
                 }
                 pos += len;
             }

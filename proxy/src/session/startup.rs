@@ -296,6 +296,8 @@ where
         owed: None,
         pool_cache: None,
         seen_epoch: 0,
+        cache_epoch: 0,
+        awaits_server: false,
     };
     if let Err(ClientError { code, message }) = s.startup_params().await {
         fatal(&mut s.client, code, &message).await;
