@@ -126,6 +126,7 @@ impl Tracker {
 
     /// Records a request; returns the fake replies that are due now (when
     /// the queue ahead of them is empty).
+    #[inline]
     pub fn push(&mut self, p: Pending) -> Vec<u8> {
         match &p {
             Pending::Sync => self.unsynced = false,
@@ -148,11 +149,16 @@ impl Tracker {
         p
     }
 
+    #[inline]
     fn drain_fakes(&mut self) -> Vec<u8> {
-        let mut out = Vec::new();
         if self.fakes == 0 {
-            return out;
+            return Vec::new();
         }
+        self.drain_fakes_slow()
+    }
+
+    fn drain_fakes_slow(&mut self) -> Vec<u8> {
+        let mut out = Vec::new();
         while let Some(Pending::Fake(tag)) = self.queue.front() {
             out.push(*tag);
             self.pop_front();
@@ -185,6 +191,30 @@ impl Tracker {
             b'C' | b'I' | b's' => matches!(self.queue.front(), Some(Pending::Query)),
             _ => false,
         }
+    }
+
+    /// Accounts for the plain reply to the request at the front (ParseComplete
+    /// to a client's Parse, BindComplete, a Describe's row description or
+    /// NoData, an Execute's completion, CloseComplete) when no fake reply is
+    /// queued: it goes to the client as is. `false`: take
+    /// [`Tracker::server_message`]. The extended protocol's common case.
+    #[inline]
+    pub fn settles(&mut self, tag: u8) -> bool {
+        if self.fakes != 0 {
+            return false;
+        }
+        let plain = matches!(
+            (tag, self.queue.front()),
+            (b'1', Some(Pending::Parse { hidden: false, .. }))
+                | (b'2', Some(Pending::Bind))
+                | (b'3', Some(Pending::Close { hidden: false }))
+                | (b'n' | b'T', Some(Pending::Describe))
+                | (b'C' | b's' | b'I', Some(Pending::Execute))
+        );
+        if plain {
+            self.queue.pop_front();
+        }
+        plain
     }
 
     /// The ReadyForQuery that ends the only request outstanding, with no
@@ -333,6 +363,66 @@ mod tests {
             }
         }
         assert!(passing > 20, "the fast path covers rows and notices");
+    }
+
+    #[test]
+    fn what_settles_quickly_is_exactly_what_accounting_would_forward_alone() {
+        let parse = |hidden: bool| Pending::Parse {
+            hidden,
+            stmt: hidden.then(|| "s1".to_owned()),
+        };
+        let states: Vec<Vec<Pending>> = vec![
+            vec![],
+            vec![Pending::Query],
+            vec![
+                parse(false),
+                Pending::Bind,
+                Pending::Describe,
+                Pending::Execute,
+                Pending::Sync,
+            ],
+            vec![
+                Pending::Bind,
+                Pending::Describe,
+                Pending::Execute,
+                Pending::Sync,
+            ],
+            vec![Pending::Describe, Pending::Execute, Pending::Sync],
+            vec![Pending::Execute, Pending::Sync],
+            vec![Pending::Close { hidden: false }, Pending::Sync],
+            vec![parse(true), Pending::Bind, Pending::Sync],
+            vec![Pending::Close { hidden: true }, parse(true), Pending::Sync],
+            vec![Pending::Bind, Pending::Fake(b'1'), Pending::Sync],
+            vec![Pending::HiddenQuery, Pending::Query],
+        ];
+        let mut settled = 0;
+        for queue in states {
+            let mut t = Tracker::default();
+            for p in queue.clone() {
+                t.push(p);
+            }
+            for tag in 0..=255u8 {
+                let mut quick = t.clone();
+                if !quick.settles(tag) {
+                    assert_eq!(quick, t, "{} changed the accounting", tag as char);
+                    continue;
+                }
+                settled += 1;
+                let mut general = t.clone();
+                let mut fakes = Vec::new();
+                let v = general.server_message(tag, b"", &mut fakes);
+                let tag = tag as char;
+                assert!(
+                    v.forward && v.unprepared.is_empty() && fakes.is_empty(),
+                    "{tag}"
+                );
+                assert_eq!(quick, general, "{tag} after {queue:?}");
+            }
+        }
+        assert_eq!(
+            settled, 8,
+            "1, 2, 3, n and T, C s and I, each at its request"
+        );
     }
 
     #[test]

@@ -437,7 +437,7 @@ impl<C: ClientIo> Session<C> {
             // Forwarded frames are copied in runs, not one by one.
             let (mut pos, mut run) = (0, 0);
             while let Some((tag, len)) = peek_frame(&conn.rbuf[pos..], MAX_SERVER_MESSAGE)? {
-                if conn.tracker.passes(tag) {
+                if conn.tracker.passes(tag) || conn.tracker.settles(tag) {
                     pos += len;
                     continue;
                 }
