@@ -249,8 +249,8 @@ pub struct ServerConn {
     /// The server's BackendKeyData, for cancel requests.
     pub key: (i32, i32),
     pub in_recovery: bool,
-    pub created: quanta::Instant,
-    pub idle_since: quanta::Instant,
+    pub created: std::time::Instant,
+    pub idle_since: std::time::Instant,
     pub tracker: Tracker,
     pub prepared: ServerCache,
     /// Must not be reused (its prepared statements went stale after DDL).
@@ -294,8 +294,8 @@ impl ServerConn {
             vars: Vars::default(),
             key: (0, 0),
             in_recovery: true,
-            created: quanta::Instant::now(),
-            idle_since: quanta::Instant::now(),
+            created: std::time::Instant::now(),
+            idle_since: std::time::Instant::now(),
             tracker: Tracker::default(),
             prepared: ServerCache::new(cache_size),
             discard: false,
