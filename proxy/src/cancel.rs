@@ -49,10 +49,10 @@ fn unpack(k: u64) -> (i32, i32) {
 
 impl CancelSlot {
     /// The client now runs on this server connection.
-    pub fn attach(&self, backend: Arc<Backend>, key: (i32, i32)) {
-        let addr = Arc::as_ptr(&backend) as usize;
+    pub fn attach(&self, backend: &Arc<Backend>, key: (i32, i32)) {
+        let addr = Arc::as_ptr(backend) as usize;
         if self.backend_addr.load(Ordering::Relaxed) != addr {
-            *lock(&self.backend) = Some(backend);
+            *lock(&self.backend) = Some(backend.clone());
             self.backend_addr.store(addr, Ordering::Relaxed);
         }
         self.key.store(pack(key), Ordering::Release);
@@ -159,7 +159,7 @@ mod tests {
             host: "h".into(),
             port: 1,
         });
-        slot.attach(be.clone(), (1, 2));
+        slot.attach(&be, (1, 2));
         assert!(slot.target().is_some());
         slot.detach();
         assert!(slot.target().is_none());
@@ -169,12 +169,12 @@ mod tests {
             host: "h".into(),
             port: 2,
         });
-        slot.attach(other.clone(), (77, -5));
+        slot.attach(&other, (77, -5));
         let (b, key) = slot.target().unwrap();
         assert!(Arc::ptr_eq(&b, &other));
         assert_eq!(key, (77, -5));
         slot.detach();
-        slot.attach(be.clone(), (i32::MAX, i32::MIN));
+        slot.attach(&be, (i32::MAX, i32::MIN));
         let (b, key) = slot.target().unwrap();
         assert!(Arc::ptr_eq(&b, &be));
         assert_eq!(key, (i32::MAX, i32::MIN));

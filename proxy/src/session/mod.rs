@@ -17,6 +17,7 @@ mod startup;
 mod tests;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 
@@ -133,10 +134,11 @@ impl<C: ClientIo> Session<C> {
         // The table has not changed since the cached pool's backend was
         // the only choice for this route: no table to load, no choice.
         if self.shared.topology.epoch() == self.cache_epoch {
-            if let Some((b, p)) = self.pool_cache.as_ref().filter(|(_, p)| !p.is_retired()) {
-                if let Some(co) = p.try_checkout_idle() {
-                    let (b, epoch) = (b.clone(), self.cache_epoch);
-                    self.attached(b, co, epoch, std::time::Duration::ZERO);
+            if let Some((b, p)) = self.pool_cache.take() {
+                let co = (!p.is_retired()).then(|| p.try_checkout_idle()).flatten();
+                let found = co.map(|co| self.attached(&b, co, self.cache_epoch, Duration::ZERO));
+                self.pool_cache = Some((b, p));
+                if found.is_some() {
                     return Ok(());
                 }
             }
@@ -150,8 +152,7 @@ impl<C: ClientIo> Session<C> {
                     if Arc::ptr_eq(b, &backend) && !p.is_retired() {
                         if let Some(co) = p.try_checkout_idle() {
                             self.cache_epoch = self.sticky_epoch(&table);
-                            let zero = std::time::Duration::ZERO;
-                            self.attached(backend, co, table.epoch, zero);
+                            self.attached(&backend, co, table.epoch, Duration::ZERO);
                             return Ok(());
                         }
                     }
@@ -173,13 +174,7 @@ impl<C: ClientIo> Session<C> {
     }
 
     /// `co`, from `backend` chosen under `epoch`, serves this client now.
-    fn attached(
-        &mut self,
-        backend: Arc<Backend>,
-        co: Checkout,
-        epoch: u64,
-        waited: std::time::Duration,
-    ) {
+    fn attached(&mut self, backend: &Arc<Backend>, co: Checkout, epoch: u64, waited: Duration) {
         self.shared.metrics.wait(self.route, waited);
         self.cancel.slot.attach(backend, co.conn.key);
         self.tell_params(&co.conn.params);
@@ -246,7 +241,7 @@ impl<C: ClientIo> Session<C> {
                 Ok(co) => {
                     tracing::debug!(backend = %backend.name, waited = ?started.elapsed(), "checked out");
                     self.cache_epoch = self.sticky_epoch(&table);
-                    self.attached(backend, co, table.epoch, started.elapsed());
+                    self.attached(&backend, co, table.epoch, started.elapsed());
                     return Ok(());
                 }
                 // The leader key moved before promotion finished: wait for
@@ -254,7 +249,7 @@ impl<C: ClientIo> Session<C> {
                 Err(PoolError::WrongRole(e)) if tokio::time::Instant::now() < deadline => {
                     tracing::debug!(backend = %backend.name, error = %e, "checkout: wrong role, waiting");
                     let _ = tokio::time::timeout(
-                        std::time::Duration::from_millis(50),
+                        Duration::from_millis(50),
                         self.shared.topology.changed(),
                     )
                     .await;
@@ -268,7 +263,7 @@ impl<C: ClientIo> Session<C> {
                     tracing::debug!(backend = %backend.name, error = %e, "checkout: server down, waiting");
                     self.shared.metrics.error(ErrorKind::NoServer);
                     let _ = tokio::time::timeout(
-                        std::time::Duration::from_millis(200),
+                        Duration::from_millis(200),
                         self.shared.topology.changed(),
                     )
                     .await;
