@@ -39,11 +39,43 @@ const ERROR_KINDS: [(ErrorKind, &str); 7] = [
     (ErrorKind::TooManyClients, "too_many_clients"),
 ];
 
+/// A counter the hot path bumps with one relaxed add, rendered by
+/// [`Metrics::render`] itself: the `metrics` crate's handles cost a dynamic
+/// call and a second atomic (a generation) per increment, and these are
+/// bumped several times per transaction.
+#[derive(Debug, Default)]
+pub struct HotCounter(AtomicU64);
+
+impl HotCounter {
+    #[inline]
+    pub fn increment(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Appends one counter family in Prometheus text format: `(labels, counter)`
+/// per series, labels already formatted (`route="rw"`, or empty).
+fn render_counter(out: &mut String, name: &str, help: &str, series: &[(&str, &HotCounter)]) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} counter");
+    for (labels, c) in series {
+        if labels.is_empty() {
+            let _ = writeln!(out, "{name} {}", c.get());
+        } else {
+            let _ = writeln!(out, "{name}{{{labels}}} {}", c.get());
+        }
+    }
+}
+
 /// Counters for one route.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct RouteMetrics {
-    pub transactions: Counter,
-    pub queries: Counter,
+    pub transactions: HotCounter,
+    pub queries: HotCounter,
     pub wait: WaitHistogram,
 }
 
@@ -77,6 +109,12 @@ pub struct WaitHistogram {
 
 impl WaitHistogram {
     pub fn record(&self, d: Duration) {
+        if d.is_zero() {
+            // A connection handed out at once: the common case.
+            self.buckets[0].fetch_add(1, Ordering::Relaxed);
+            self.count.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         let secs = d.as_secs_f64();
         if let Some(i) = WAIT_BUCKETS.iter().position(|b| secs <= *b) {
             self.buckets[i].fetch_add(1, Ordering::Relaxed);
@@ -114,8 +152,8 @@ pub struct Metrics {
     rw: RouteMetrics,
     ro: RouteMetrics,
     pub routing_changes: Counter,
-    pub bytes_in: Counter,
-    pub bytes_out: Counter,
+    pub bytes_in: HotCounter,
+    pub bytes_out: HotCounter,
     /// Hidden SETs sent to give a server a client's session settings.
     pub settings_synced: Counter,
     errors: Vec<Counter>,
@@ -141,34 +179,24 @@ impl Metrics {
         let settings_synced = metrics::with_local_recorder(&recorder, || {
             metrics::counter!("pgha_proxy_session_settings_synced_total")
         });
-        let (rw, ro, routing_changes, bytes_in, bytes_out, errors, clients) =
-            metrics::with_local_recorder(&recorder, || {
-                let route = |r: &'static str| RouteMetrics {
-                    transactions: metrics::counter!("pgha_proxy_transactions_total", "route" => r),
-                    queries: metrics::counter!("pgha_proxy_queries_total", "route" => r),
-                    wait: WaitHistogram::default(),
-                };
-                (
-                    route("rw"),
-                    route("ro"),
-                    metrics::counter!("pgha_proxy_routing_changes_total"),
-                    metrics::counter!("pgha_proxy_client_bytes_in_total"),
-                    metrics::counter!("pgha_proxy_client_bytes_out_total"),
-                    ERROR_KINDS
-                        .iter()
-                        .map(|(_, k)| metrics::counter!("pgha_proxy_errors_total", "kind" => *k))
-                        .collect(),
-                    metrics::gauge!("pgha_proxy_client_connections"),
-                )
-            });
+        let (routing_changes, errors, clients) = metrics::with_local_recorder(&recorder, || {
+            (
+                metrics::counter!("pgha_proxy_routing_changes_total"),
+                ERROR_KINDS
+                    .iter()
+                    .map(|(_, k)| metrics::counter!("pgha_proxy_errors_total", "kind" => *k))
+                    .collect(),
+                metrics::gauge!("pgha_proxy_client_connections"),
+            )
+        });
         Metrics {
             recorder,
             handle,
-            rw,
-            ro,
+            rw: RouteMetrics::default(),
+            ro: RouteMetrics::default(),
             routing_changes,
-            bytes_in,
-            bytes_out,
+            bytes_in: HotCounter::default(),
+            bytes_out: HotCounter::default(),
             settings_synced,
             errors,
             clients,
@@ -223,6 +251,33 @@ impl Metrics {
             }
         });
         let mut out = self.handle.render();
+        let routes = |f: fn(&RouteMetrics) -> &HotCounter| {
+            [("route=\"rw\"", f(&self.rw)), ("route=\"ro\"", f(&self.ro))]
+        };
+        render_counter(
+            &mut out,
+            "pgha_proxy_transactions_total",
+            "Transactions completed (ReadyForQuery idle), by route.",
+            &routes(|m| &m.transactions),
+        );
+        render_counter(
+            &mut out,
+            "pgha_proxy_queries_total",
+            "Requests completed (ReadyForQuery), by route.",
+            &routes(|m| &m.queries),
+        );
+        render_counter(
+            &mut out,
+            "pgha_proxy_client_bytes_in_total",
+            "Bytes read from clients.",
+            &[("", &self.bytes_in)],
+        );
+        render_counter(
+            &mut out,
+            "pgha_proxy_client_bytes_out_total",
+            "Bytes written to clients.",
+            &[("", &self.bytes_out)],
+        );
         let name = "pgha_proxy_wait_seconds";
         let _ = writeln!(
             out,
@@ -239,6 +294,28 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hot_counters_render_as_prometheus_counters() {
+        let m = Metrics::new();
+        m.route(Route::ReadOnly).queries.increment(5);
+        m.route(Route::ReadOnly).transactions.increment(2);
+        m.bytes_in.increment(100);
+        m.bytes_out.increment(7);
+        let mut out = String::new();
+        let routes = [
+            ("route=\"rw\"", &m.rw.queries),
+            ("route=\"ro\"", &m.ro.queries),
+        ];
+        render_counter(&mut out, "q_total", "Queries.", &routes);
+        render_counter(&mut out, "b_total", "Bytes.", &[("", &m.bytes_in)]);
+        let expected = "# HELP q_total Queries.\n# TYPE q_total counter\n\
+                        q_total{route=\"rw\"} 0\nq_total{route=\"ro\"} 5\n\
+                        # HELP b_total Bytes.\n# TYPE b_total counter\nb_total 100\n";
+        assert_eq!(out, expected);
+        assert_eq!(m.ro.transactions.get(), 2);
+        assert_eq!(m.bytes_out.get(), 7);
+    }
 
     #[test]
     fn wait_histogram_renders_cumulative_buckets_sum_and_count() {
