@@ -79,7 +79,7 @@ impl ParamSet {
             msg::put_parameter_status(&mut wire, k, v);
         }
         ParamSet {
-            vars: Vars::from_params(&list),
+            vars: Vars::from_params(list.iter().map(|(k, v)| (k, v))),
             list,
             wire: wire.freeze(),
         }

@@ -89,7 +89,9 @@ impl Vars {
     }
 
     /// The tracked ones among `params` (name, value pairs).
-    pub fn from_params<K: AsRef<str>, V: AsRef<str>>(params: &[(K, V)]) -> Vars {
+    pub fn from_params<K: AsRef<str>, V: AsRef<str>>(
+        params: impl IntoIterator<Item = (K, V)>,
+    ) -> Vars {
         let mut v = Vars::default();
         for (k, val) in params {
             v.set(k.as_ref(), val.as_ref());
@@ -147,12 +149,12 @@ mod tests {
 
     #[test]
     fn only_differing_wanted_values_are_set_with_safe_literals() {
-        let want = Vars::from_params(&[
+        let want = Vars::from_params([
             ("timezone", "Europe/Berlin"),
             ("application_name", "it's \\ mine"),
             ("user", "app"),
         ]);
-        let mut server = Vars::from_params(&[
+        let mut server = Vars::from_params([
             ("TimeZone", "UTC"),
             ("application_name", "pgha-proxy"),
             ("DateStyle", "ISO, MDY"),

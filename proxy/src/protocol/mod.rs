@@ -10,6 +10,8 @@
 
 pub mod messages;
 
+use std::ops::Range;
+
 use bytes::{Buf, Bytes, BytesMut};
 
 /// Protocol version 3.0 in a startup packet.
@@ -112,18 +114,25 @@ pub enum StartupPacket {
     },
 }
 
-/// The parameters of a startup message, in the order sent.
+/// The parameters of a startup message, in the order sent: the block as
+/// one string (one allocation per client, not two per parameter) and where
+/// each key and value lies in it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StartupParams {
-    pub params: Vec<(String, String)>,
+    text: String,
+    spans: Vec<(Range<usize>, Range<usize>)>,
 }
 
 impl StartupParams {
-    pub fn get(&self, key: &str) -> Option<&str> {
-        self.params
+    /// (key, value) pairs in the order sent.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.spans
             .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
+            .map(|(k, v)| (&self.text[k.clone()], &self.text[v.clone()]))
+    }
+
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.iter().find(|(k, _)| *k == key).map(|(_, v)| v)
     }
 
     /// The user name (required by the protocol).
@@ -181,24 +190,33 @@ pub fn split_startup(buf: &mut BytesMut) -> Result<Option<StartupPacket>, Protoc
 
 fn parse_params(body: &[u8]) -> Result<StartupParams, ProtocolError> {
     let bad = || ProtocolError::Malformed { what: "startup" };
-    let mut params = Vec::new();
-    let mut rest = body;
+    // NUL never occurs inside a multi-byte sequence: checking the whole
+    // block checks every key and value.
+    let text = std::str::from_utf8(body).map_err(|_| bad())?;
+    let nul_from = |from: usize| text[from..].find('\0').map(|i| from + i).ok_or_else(bad);
+    let mut spans = Vec::with_capacity(4);
+    let mut pos = 0;
     loop {
-        let (key, r) = messages::cstr(rest).ok_or_else(bad)?;
-        if key.is_empty() {
-            if !r.is_empty() {
+        let key_end = nul_from(pos)?;
+        if key_end == pos {
+            // The empty key ends the list, and the packet.
+            if key_end + 1 != text.len() {
                 return Err(bad());
             }
             break;
         }
-        let (value, r) = messages::cstr(r).ok_or_else(bad)?;
-        params.push((key.to_owned(), value.to_owned()));
-        rest = r;
+        let value_end = nul_from(key_end + 1)?;
+        spans.push((pos..key_end, key_end + 1..value_end));
+        pos = value_end + 1;
     }
-    if !params.iter().any(|(k, _)| k == "user") {
+    let params = StartupParams {
+        text: text.to_owned(),
+        spans,
+    };
+    if params.get("user").is_none() {
         return Err(bad());
     }
-    Ok(StartupParams { params })
+    Ok(params)
 }
 
 /// Runs every parser over `data` as if it came from the network; used by
@@ -300,6 +318,31 @@ mod tests {
         assert_eq!(p.user(), Some("alice"));
         assert_eq!(p.database(), Some("alice"));
         assert_eq!(p.get("application_name"), Some("x"));
+    }
+
+    #[test]
+    fn startup_params_keep_their_order_and_bad_blocks_are_refused() {
+        let mut ok = startup_bytes(PROTOCOL_V3, b"database\0db\0user\0bob\0options\0\0\0");
+        let Some(StartupPacket::Startup(p)) = split_startup(&mut ok).unwrap() else {
+            panic!("not a startup")
+        };
+        let pairs: Vec<_> = p.iter().collect();
+        assert_eq!(
+            pairs,
+            [("database", "db"), ("user", "bob"), ("options", "")]
+        );
+        assert_eq!(p.database(), Some("db"));
+        for body in [
+            &b"user\0bob\0"[..], // no terminator
+            b"user\0bob\0\0x",   // bytes after it
+            b"user\0bob",        // value not ended
+            b"database\0db\0\0", // no user
+            b"user\0b\xffb\0\0", // not UTF-8
+            b"\0",               // nothing at all
+        ] {
+            let mut b = startup_bytes(PROTOCOL_V3, body);
+            assert!(split_startup(&mut b).is_err(), "{body:?} accepted");
+        }
     }
 
     #[test]

@@ -290,7 +290,7 @@ where
             password,
             scram_keys,
         },
-        vars: crate::vars::Vars::from_params(&params.params),
+        vars: crate::vars::Vars::from_params(params.iter()),
         cancel,
         bell,
         // Buffers grow on first use; an idle client holds none.
