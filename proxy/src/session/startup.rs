@@ -307,17 +307,16 @@ where
         cache_epoch: 0,
         awaits_server: false,
     };
+    // The greeting is built in the session's client buffer, the node's
+    // ParameterStatus between AuthenticationOk and BackendKeyData.
+    msg::put_auth_ok(&mut s.out_client);
     if let Err(ClientError { code, message }) = s.startup_params().await {
         fatal(&mut s.client, code, &message).await;
         return None;
     }
-    let mut hello = BytesMut::with_capacity(512);
-    msg::put_auth_ok(&mut hello);
-    hello.extend_from_slice(&s.out_client);
-    s.out_client.clear();
-    msg::put_backend_key(&mut hello, key.0, key.1);
-    msg::put_ready(&mut hello, b'I');
-    s.client.write_all(&hello).await.ok()?;
+    msg::put_backend_key(&mut s.out_client, key.0, key.1);
+    msg::put_ready(&mut s.out_client, b'I');
+    s.flush().await.ok()?;
     Some(s)
 }
 
