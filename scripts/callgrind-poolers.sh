@@ -82,7 +82,7 @@ chown -R postgres "$dir"
 
 case $mode in
   simple | extended) clients=32; short=500; long=1500; args=(-M "$mode") ;;
-  storm) clients=8; short=100; long=300; args=(-M simple -C) ;;
+  storm) clients=8; short=100; long=700; args=(-M simple -C) ;;
   *) echo "mode: simple, extended or storm" >&2; exit 2 ;;
 esac
 
