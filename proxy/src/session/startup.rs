@@ -317,6 +317,8 @@ where
     msg::put_backend_key(&mut s.out_client, key.0, key.1);
     msg::put_ready(&mut s.out_client, b'I');
     s.flush().await.ok()?;
+    // An idle client holds no write buffer: the next reply takes one.
+    s.out_client = BytesMut::new();
     Some(s)
 }
 
