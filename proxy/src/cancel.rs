@@ -8,7 +8,6 @@
 //! cancel), tokio sync.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rand::Rng;
@@ -21,59 +20,26 @@ use crate::router::Backend;
 type Target = (Arc<Backend>, (i32, i32));
 
 /// What one client's cancel key points at.
-///
-/// Attach and detach run twice per transaction: they store one atomic (the
-/// server's key) and take the lock only when the client moves to another
-/// backend. A cancel reads the key, the backend, then the key again, and
-/// retries if the key moved meanwhile.
 #[derive(Debug, Default)]
 pub struct CancelSlot {
-    /// The attached server's BackendKeyData, packed; 0: none attached.
-    key: AtomicU64,
-    /// The backend of the server last attached.
-    backend: Mutex<Option<Arc<Backend>>>,
-    /// `backend`'s address, so an attach to the same backend skips the lock
-    /// (only the session writes it; the mutex keeps the backend alive).
-    backend_addr: AtomicUsize,
+    target: Mutex<Option<Target>>,
     /// Signalled when a cancel arrives while no server is attached.
     pub waiting: Notify,
-}
-
-fn pack((pid, secret): (i32, i32)) -> u64 {
-    (u64::from(pid as u32) << 32) | u64::from(secret as u32)
-}
-
-fn unpack(k: u64) -> (i32, i32) {
-    ((k >> 32) as u32 as i32, k as u32 as i32)
 }
 
 impl CancelSlot {
     /// The client now runs on this server connection.
     pub fn attach(&self, backend: &Arc<Backend>, key: (i32, i32)) {
-        let addr = Arc::as_ptr(backend) as usize;
-        if self.backend_addr.load(Ordering::Relaxed) != addr {
-            *lock(&self.backend) = Some(backend.clone());
-            self.backend_addr.store(addr, Ordering::Relaxed);
-        }
-        self.key.store(pack(key), Ordering::Release);
+        *lock(&self.target) = Some((backend.clone(), key));
     }
 
     /// The client released its server connection.
     pub fn detach(&self) {
-        self.key.store(0, Ordering::Release);
+        *lock(&self.target) = None;
     }
 
     fn target(&self) -> Option<Target> {
-        loop {
-            let before = self.key.load(Ordering::Acquire);
-            if before == 0 {
-                return None;
-            }
-            let backend = lock(&self.backend).clone()?;
-            if self.key.load(Ordering::Acquire) == before {
-                return Some((backend, unpack(before)));
-            }
-        }
+        lock(&self.target).clone()
     }
 }
 
