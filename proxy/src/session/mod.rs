@@ -481,13 +481,19 @@ impl<C: ClientIo> Session<C> {
             self.out_client.extend_from_slice(&conn.rbuf[run..pos]);
             conn.rbuf.advance(pos);
         }
-        if !self.flush_now()? {
-            self.flush_rest().await?;
-        }
         let free = self
             .server
             .as_ref()
             .is_some_and(|c| c.conn.tracker.is_free());
+        // The client's cancel key lets go of this server before the client
+        // can see its ReadyForQuery: a cancel it sends after that must not
+        // reach the server's next user.
+        if free && self.tx_mode() {
+            self.cancel.slot.detach();
+        }
+        if !self.flush_now()? {
+            self.flush_rest().await?;
+        }
         if free && self.tx_mode() {
             self.release();
         }
