@@ -334,8 +334,14 @@ impl<C: ClientIo> Session<C> {
 
     /// Gives the server back (clean) or closes it.
     fn release(&mut self) {
+        self.cancel.slot.detach();
+        self.check_in();
+    }
+
+    /// Gives the server back (clean) or closes it; the cancel key was
+    /// detached already.
+    fn check_in(&mut self) {
         if let Some(co) = self.server.take() {
-            self.cancel.slot.detach();
             let clean = co.conn.tracker.is_free() && !co.conn.discard;
             co.checkin(clean);
         }
@@ -495,7 +501,7 @@ impl<C: ClientIo> Session<C> {
             self.flush_rest().await?;
         }
         if free && self.tx_mode() {
-            self.release();
+            self.check_in();
         }
         Ok(())
     }
