@@ -6,16 +6,23 @@
 //! Each session task holds one [`Doorbell`] registered in [`Bells`];
 //! waiting on it costs a waker registration (two atomic compare-exchanges)
 //! and a flag load. Ringing all of them is rare and walks the registry.
-//! May call: `atomic_waker`.
+//!
+//! The bell also ends a client that does not finish its startup in time:
+//! one sweeper, ticking every [`STARTUP_TICK`], stops the bells of
+//! sessions still starting past their deadline, instead of a timer per
+//! new client (a timer costs a wheel insertion and removal, and a clock
+//! read, on every connection). May call: `atomic_waker`.
 
-use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use atomic_waker::AtomicWaker;
+use rustc_hash::FxHashMap;
 
 use crate::lock;
 
@@ -29,7 +36,20 @@ pub struct Doorbell {
     /// the current poll (see `until_stopped`).
     armed: AtomicBool,
     waker: AtomicWaker,
+    /// [`RUNNING`], [`STARTING`] or [`EXPIRED`].
+    startup: AtomicU8,
 }
+
+/// Not bound by a startup deadline (logged in, or never registered with one).
+const RUNNING: u8 = 0;
+/// Logging in, within a deadline the sweeper enforces.
+const STARTING: u8 = 1;
+/// The deadline passed before the login finished: the session was stopped.
+const EXPIRED: u8 = 2;
+
+/// How often the startup sweeper runs: the resolution of `startup_timeout`
+/// (a client is dropped between the timeout and one tick after it).
+pub const STARTUP_TICK: Duration = Duration::from_millis(100);
 
 impl Doorbell {
     fn ring(&self) {
@@ -44,6 +64,31 @@ impl Doorbell {
 
     pub fn is_stopped(&self) -> bool {
         self.stopped.load(Ordering::Acquire)
+    }
+
+    /// The login finished: the startup deadline no longer applies. False
+    /// when the deadline passed first (the session must end).
+    pub fn started(&self) -> bool {
+        self.startup
+            .compare_exchange(STARTING, RUNNING, Ordering::AcqRel, Ordering::Acquire)
+            .map_or_else(|s| s != EXPIRED, |_| true)
+    }
+
+    /// The startup deadline passed before the login finished.
+    pub fn startup_expired(&self) -> bool {
+        self.startup.load(Ordering::Acquire) == EXPIRED
+    }
+
+    /// Stops the session if it is still logging in; true if it was.
+    fn expire(&self) -> bool {
+        let expired = self
+            .startup
+            .compare_exchange(STARTING, EXPIRED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if expired {
+            self.stop();
+        }
+        expired
     }
 
     /// Runs `work` until it finishes (`Some`) or the proxy stops (`None`;
@@ -110,8 +155,16 @@ impl<F: Future> Future for UntilStopped<'_, F> {
 #[derive(Debug, Default)]
 pub struct Bells {
     next: AtomicU64,
-    bells: Mutex<HashMap<u64, Arc<Doorbell>>>,
+    /// Keyed by a counter: FxHash, not SipHash (no one else picks the keys).
+    bells: Mutex<FxHashMap<u64, Arc<Doorbell>>>,
     stopped: AtomicBool,
+    /// Sweeper ticks so far.
+    tick: AtomicU64,
+    /// Sessions registered with a startup deadline (in ticks), in the
+    /// order they came: with one `startup_timeout` for all, that is
+    /// deadline order (after a reload shortens it, a later deadline can
+    /// sit behind an earlier one and wait for it: at most the difference).
+    starting: Mutex<VecDeque<(u64, Arc<Doorbell>)>>,
 }
 
 /// A registered doorbell; unregistered on drop.
@@ -143,6 +196,37 @@ impl Bells {
             id,
             bell,
         }
+    }
+
+    /// A bell whose session must finish logging in within `timeout`, or be
+    /// stopped by [`Bells::sweep`].
+    pub fn register_starting(self: &Arc<Self>, timeout: Duration) -> Registered {
+        let r = self.register();
+        r.bell.startup.store(STARTING, Ordering::Release);
+        let ticks = timeout.as_nanos().div_ceil(STARTUP_TICK.as_nanos());
+        // +1: the current tick may be nearly over.
+        let deadline = self.tick.load(Ordering::Acquire) + ticks as u64 + 1;
+        lock(&self.starting).push_back((deadline, r.bell.clone()));
+        r
+    }
+
+    /// One sweeper tick: stops the sessions still logging in past their
+    /// deadline and forgets the ones that finished. Returns how many were
+    /// stopped.
+    pub fn sweep(&self) -> usize {
+        let now = self.tick.fetch_add(1, Ordering::AcqRel) + 1;
+        let mut expired = 0;
+        let mut q = lock(&self.starting);
+        while let Some((deadline, bell)) = q.front() {
+            if bell.startup.load(Ordering::Acquire) == STARTING {
+                if *deadline > now {
+                    break;
+                }
+                expired += usize::from(bell.expire());
+            }
+            q.pop_front();
+        }
+        expired
     }
 
     /// Rings every session's bell.
@@ -236,5 +320,45 @@ mod tests {
             !lock(&bells.bells).contains_key(&id),
             "unregistered on drop"
         );
+    }
+
+    /// The sweeper stops a session still logging in once its deadline
+    /// passed, never before and never one that finished; a session that
+    /// finishes after the sweeper stopped it learns it must end.
+    #[tokio::test]
+    async fn the_startup_sweeper_stops_only_late_logins() {
+        let bells = Arc::new(Bells::default());
+        // 250 ms: 3 ticks, +1 for the tick in progress.
+        let late = bells.register_starting(Duration::from_millis(250));
+        let quick = bells.register_starting(Duration::from_millis(250));
+        let plain = bells.register();
+        let waiting = {
+            let bell = late.bell.clone();
+            tokio::spawn(async move { bell.until_stopped(std::future::pending::<()>()).await })
+        };
+        assert!(quick.bell.started(), "logged in before its deadline");
+        for tick in 1..=3 {
+            assert_eq!(bells.sweep(), 0, "tick {tick} is before the deadline");
+            assert!(!late.bell.is_stopped());
+        }
+        assert_eq!(bells.sweep(), 1, "the fourth tick is past it");
+        assert!(late.bell.is_stopped() && late.bell.startup_expired());
+        let stopped = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("the waiting session is woken")
+            .expect("task");
+        assert_eq!(stopped, None);
+        assert!(!late.bell.started(), "too late to finish the login");
+        assert!(!quick.bell.is_stopped() && !quick.bell.startup_expired());
+        assert!(!plain.bell.is_stopped() && plain.bell.started());
+        assert!(lock(&bells.starting).is_empty(), "both entries swept");
+        // A finished login at the front lets the sweeper move past it at
+        // once; an unfinished one behind it keeps its own deadline.
+        let done = bells.register_starting(Duration::from_secs(60));
+        let slow = bells.register_starting(Duration::from_millis(100));
+        assert!(done.bell.started());
+        assert_eq!(bells.sweep(), 0);
+        assert_eq!(bells.sweep(), 1, "100 ms: past it on the second tick");
+        assert!(slow.bell.is_stopped() && !done.bell.is_stopped());
     }
 }

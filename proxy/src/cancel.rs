@@ -7,10 +7,10 @@
 //! still waits for a server wakes that wait. May call: `server` (to send the
 //! cancel), tokio sync.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use rand::Rng;
+use rustc_hash::FxHashMap;
 use tokio::sync::Notify;
 
 use crate::lock;
@@ -46,7 +46,9 @@ impl CancelSlot {
 /// Every connected client's cancel key.
 #[derive(Debug, Default)]
 pub struct Cancels {
-    slots: Mutex<HashMap<(i32, i32), Arc<CancelSlot>>>,
+    /// FxHash, not SipHash: the proxy draws the keys at random itself, and
+    /// a client can only look one up, never insert one.
+    slots: Mutex<FxHashMap<(i32, i32), Arc<CancelSlot>>>,
 }
 
 /// Removes the client's key when the session ends.

@@ -143,6 +143,22 @@ impl Proxy {
         handle
             .tasks
             .spawn(ring_sessions(shared.clone(), handle.shutdown.clone()));
+        let (sweep_shared, sweep_stop) = (shared.clone(), handle.shutdown.clone());
+        handle.tasks.spawn(async move {
+            // Clients that have not logged in within startup_timeout;
+            // the pools' coarse clock.
+            let mut tick = tokio::time::interval(crate::bell::STARTUP_TICK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        crate::clock::refresh();
+                        sweep_shared.bells.sweep();
+                    }
+                    _ = sweep_stop.cancelled() => return,
+                }
+            }
+        });
         let (upkeep_shared, upkeep_stop) = (shared.clone(), handle.shutdown.clone());
         handle.tasks.spawn(async move {
             // Housekeeping: idle timeouts, min_idle, histogram upkeep.

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use std::time::Instant;
+use crate::clock;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -157,9 +157,9 @@ impl Pool {
         lock(&self.params).clone()
     }
 
-    fn reusable(&self, c: &ServerConn, now: Instant) -> bool {
-        let idle = now.saturating_duration_since(c.idle_since);
-        if now.saturating_duration_since(c.created) > self.cfg.server_lifetime
+    fn reusable(&self, c: &ServerConn, now: u64) -> bool {
+        let idle = clock::between(c.idle_since, now);
+        if clock::between(c.created, now) > self.cfg.server_lifetime
             || idle > self.cfg.server_idle_timeout
         {
             return false;
@@ -180,7 +180,7 @@ impl Pool {
         &self,
         held: &mut Option<OwnedSemaphorePermit>,
     ) -> Option<(Box<ServerConn>, OwnedSemaphorePermit)> {
-        let now = Instant::now();
+        let now = clock::now_ms();
         loop {
             let Idle { conn, slot: own } = lock(&self.idle).pop()?;
             if !self.reusable(&conn, now) {
@@ -270,10 +270,10 @@ impl Pool {
     /// slot unless a client waits for one.
     fn take_back(&self, mut conn: Box<ServerConn>, slot: OwnedSemaphorePermit, clean: bool) {
         self.active.fetch_sub(1, Ordering::Relaxed);
-        let now = Instant::now();
+        let now = clock::now_ms();
         if !(clean
             && !self.is_retired()
-            && now.saturating_duration_since(conn.created) <= self.cfg.server_lifetime)
+            && clock::between(conn.created, now) <= self.cfg.server_lifetime)
         {
             return;
         }
@@ -303,10 +303,10 @@ impl Pool {
     /// opens connections until the pool holds `min_idle` (bounded by pool_size).
     /// Called periodically by [`Pools::maintain`].
     pub async fn maintain(self: &Arc<Self>) {
-        let now = Instant::now();
+        let now = clock::refresh();
         lock(&self.idle).retain(|Idle { conn: c, .. }| {
-            now.saturating_duration_since(c.idle_since) <= self.cfg.server_idle_timeout
-                && now.saturating_duration_since(c.created) <= self.cfg.server_lifetime
+            clock::between(c.idle_since, now) <= self.cfg.server_idle_timeout
+                && clock::between(c.created, now) <= self.cfg.server_lifetime
         });
         // Like PgBouncer's min_pool_size: connections in use count too.
         // Every connection holds a slot (checked out, being connected, or

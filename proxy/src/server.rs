@@ -249,8 +249,9 @@ pub struct ServerConn {
     /// The server's BackendKeyData, for cancel requests.
     pub key: (i32, i32),
     pub in_recovery: bool,
-    pub created: std::time::Instant,
-    pub idle_since: std::time::Instant,
+    /// When it was opened and last given back, on [`crate::clock`].
+    pub created: u64,
+    pub idle_since: u64,
     pub tracker: Tracker,
     pub prepared: ServerCache,
     /// Must not be reused (its prepared statements went stale after DDL).
@@ -294,8 +295,8 @@ impl ServerConn {
             vars: Vars::default(),
             key: (0, 0),
             in_recovery: true,
-            created: std::time::Instant::now(),
-            idle_since: std::time::Instant::now(),
+            created: crate::clock::refresh(),
+            idle_since: crate::clock::now_ms(),
             tracker: Tracker::default(),
             prepared: ServerCache::new(cache_size),
             discard: false,

@@ -195,10 +195,7 @@ fn parse_params(body: &[u8]) -> Result<StartupParams, ProtocolError> {
     let text = std::str::from_utf8(body).map_err(|_| bad())?;
     let nul_from = |from: usize| {
         let rest = body.get(from..).unwrap_or_default();
-        rest.iter()
-            .position(|&b| b == 0)
-            .map(|i| from + i)
-            .ok_or_else(bad)
+        memchr::memchr(0, rest).map(|i| from + i).ok_or_else(bad)
     };
     let mut spans = Vec::with_capacity(4);
     let mut pos = 0;

@@ -1,7 +1,8 @@
 //! A new client connection up to its first ReadyForQuery: SSL/GSS
 //! negotiation (refused until TLS is configured), cancel requests, the
 //! client limit, authentication, and the parameters of the node that will
-//! serve it. Bounded by `startup_timeout` so slow clients cannot hold a slot.
+//! serve it. Bounded by `startup_timeout` (the deadline on the session's
+//! bell, see `bell`) so slow clients cannot hold a slot.
 //!
 //! The tracked settings a client sends in its startup packet (TimeZone,
 //! DateStyle, application_name... see `vars`) are set on every server it
@@ -31,20 +32,14 @@ enum Negotiated {
 
 /// Reads the first 8 bytes: an SSLRequest gets `S` and a TLS handshake
 /// (with a certificate) or `N`; anything else is the start of a startup
-/// packet, kept for the handshake.
+/// packet, kept for the handshake. Bounded, with the rest of the login, by
+/// the startup deadline on the session's bell.
 async fn negotiate(shared: &Shared, mut stream: tokio::net::TcpStream) -> Negotiated {
-    let timeout = shared.cfg().startup_timeout;
     let mut buf = BytesMut::with_capacity(256);
-    let first8 = async {
-        while buf.len() < 8 {
-            if stream.read_buf(&mut buf).await? == 0 {
-                break;
-            }
+    while buf.len() < 8 {
+        if !matches!(stream.read_buf(&mut buf).await, Ok(n) if n > 0) {
+            return Negotiated::Done;
         }
-        Ok::<_, std::io::Error>(())
-    };
-    if !matches!(tokio::time::timeout(timeout, first8).await, Ok(Ok(()))) {
-        return Negotiated::Done;
     }
     let ssl_request = buf.len() == 8
         && buf[..4] == 8i32.to_be_bytes()
@@ -62,14 +57,10 @@ async fn negotiate(shared: &Shared, mut stream: tokio::net::TcpStream) -> Negoti
     if stream.write_all(b"S").await.is_err() {
         return Negotiated::Done;
     }
-    match tokio::time::timeout(timeout, acceptor.0.accept(stream)).await {
-        Ok(Ok(tls)) => Negotiated::Tls(Box::new(tls)),
-        Ok(Err(e)) => {
+    match acceptor.0.accept(stream).await {
+        Ok(tls) => Negotiated::Tls(Box::new(tls)),
+        Err(e) => {
             tracing::info!(error = %e, "TLS handshake failed");
-            Negotiated::Done
-        }
-        Err(_) => {
-            tracing::info!("TLS handshake timed out");
             Negotiated::Done
         }
     }
@@ -78,14 +69,19 @@ async fn negotiate(shared: &Shared, mut stream: tokio::net::TcpStream) -> Negoti
 /// Serves one TCP client: negotiates TLS if it asks and the proxy has a
 /// certificate, then serves it to the end. The negotiation and the TLS
 /// session are boxed: plain idle clients must not pay for their size.
-/// Ends when the proxy stops, wherever the session is.
+/// Ends when the proxy stops, wherever the session is, and when the client
+/// has not logged in within `startup_timeout` (from the moment it was
+/// accepted: negotiation, TLS and authentication together).
 pub async fn serve_tcp(shared: Arc<Shared>, stream: tokio::net::TcpStream, route: Route) {
-    let registered = shared.bells.register();
+    let timeout = shared.cfg().startup_timeout;
+    let registered = shared.bells.register_starting(timeout);
     let bell = registered.bell.clone();
     // Boxed once: spawning the task and ending it then move a pointer,
     // not the session's whole state (several copies per connection).
     let work = Box::pin(serve_client(shared, stream, route, bell));
-    registered.bell.until_stopped(work).await;
+    if registered.bell.until_stopped(work).await.is_none() && registered.bell.startup_expired() {
+        tracing::info!("client did not finish startup within {timeout:?}");
+    }
 }
 
 /// Everything a TCP client's task does, from the first byte to the end.
@@ -114,15 +110,14 @@ pub async fn serve<C>(
     C: ClientIo,
 {
     let guard = shared.client_enter();
-    let timeout = shared.cfg().startup_timeout;
     let over = guard.over_limit;
     // Boxed: the handshake's state is large and short-lived; it must not
     // inflate every idle client's task.
-    let hs = Box::pin(handshake(shared, client, route, over, buf, bell));
-    match tokio::time::timeout(timeout, hs).await {
-        Ok(Some(session)) => session.run().await,
-        Ok(None) => {}
-        Err(_) => tracing::info!("client did not finish startup within {timeout:?}"),
+    let hs = Box::pin(handshake(shared, client, route, over, buf, bell.clone()));
+    // The startup deadline (see `serve_tcp`) ends here, unless it passed
+    // while the greeting went out.
+    if let Some(session) = hs.await.filter(|_| bell.started()) {
+        session.run().await;
     }
     drop(guard);
 }
@@ -296,7 +291,10 @@ where
         // Buffers grow on first use; an idle client holds none.
         cbuf: if buf.is_empty() { BytesMut::new() } else { buf },
         out_server: BytesMut::new(),
-        out_client: BytesMut::new(),
+        // Room for the whole greeting at once (AuthenticationOk, about a
+        // dozen ParameterStatus, BackendKeyData, ReadyForQuery: ~450
+        // bytes), instead of growing it five times.
+        out_client: BytesMut::with_capacity(1024),
         server: None,
         stmts: Default::default(),
         told: Arc::default(),
