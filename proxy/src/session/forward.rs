@@ -71,7 +71,7 @@ pub fn pass(conn: &mut ServerConn, tag: u8, frame: &[u8], out: &mut Out<'_>) {
 /// Whether a frame may name a prepared statement, which transaction mode
 /// renames: a cheap look at the first bytes, so unnamed statements (every
 /// `-M extended` query) and portals pass without being parsed.
-fn names_a_statement(tag: u8, body: &[u8]) -> bool {
+pub fn names_a_statement(tag: u8, body: &[u8]) -> bool {
     match tag {
         b'P' => body.first().is_some_and(|&b| b != 0),
         // Portal name, then the statement's.

@@ -5,13 +5,14 @@
 //! back when its ReadyForQuery says idle with nothing outstanding; in
 //! session mode it stays attached until the client leaves. A leader change
 //! detaches servers that left their role. May call: `auth`, `pool`,
-//! `topology`, `router`, `cancel`, `protocol`, `forward`, `buffers`, `io`,
+//! `topology`, `router`, `cancel`, `protocol`, `forward`, `relay`, `buffers`, `io`,
 //! `vars`.
 
 mod buffers;
 mod event_loop;
 mod forward;
 mod io;
+mod relay;
 mod startup;
 #[cfg(test)]
 mod tests;
@@ -19,7 +20,7 @@ mod tests;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 
 use crate::bell::Doorbell;
 use crate::cancel::Registration;
@@ -27,13 +28,13 @@ use crate::config::PoolMode;
 use crate::metrics::ErrorKind;
 use crate::pool::{Checkout, Pool, PoolError};
 use crate::protocol::messages as msg;
-use crate::protocol::{peek_frame, ProtocolError};
+use crate::protocol::ProtocolError;
 use crate::router::{Backend, Route};
 use crate::server::{Login, Params};
 use crate::tracker::Pending;
 use crate::vars::Vars;
 use crate::Shared;
-use forward::{ClientStatements, Out};
+use forward::ClientStatements;
 
 pub use io::{ClientIo, WriteNow};
 pub use startup::{serve, serve_tcp};
@@ -361,149 +362,6 @@ impl<C: ClientIo> Session<C> {
             b'P' | b'B' | b'D' | b'E' | b'C' => self.skipping = true,
             _ => {}
         }
-    }
-
-    /// Handles every whole message the client has sent.
-    async fn on_client_data(&mut self) -> Result<Flow, SessionError> {
-        let max = self.cfg.max_message_size;
-        let mut last = 0;
-        while let Some((tag, len)) = peek_frame(&self.cbuf, max)? {
-            tracing::trace!(route = self.route.label(), tag = %(tag as char), len, attached = self.server.is_some(), skipping = self.skipping, "client frame");
-            if tag == b'X' {
-                return Ok(Flow::Quit);
-            }
-            // The table changed since this server was chosen (the bell may
-            // not have rung yet): nothing more goes to a server off its role.
-            if self.server.is_some() && self.shared.topology.epoch() != self.seen_epoch {
-                if let Flow::Quit = self.on_topology() {
-                    return Ok(Flow::Quit);
-                }
-            }
-            if self.skipping {
-                if tag == b'S' {
-                    self.skipping = false;
-                    msg::put_ready(&mut self.out_client, b'I');
-                }
-                self.cbuf.advance(len);
-                continue;
-            }
-            if self.server.is_none() {
-                let attached = match self.owed.take() {
-                    Some(e) => Err(e),
-                    None => self.attach().await,
-                };
-                if let Err(e) = attached {
-                    self.refuse(tag, &e);
-                    self.cbuf.advance(len);
-                    continue;
-                }
-                self.sync_vars();
-            }
-            let Some(co) = self.server.as_mut() else {
-                continue;
-            };
-            let mut out = Out {
-                server: &mut self.out_server,
-                client: &mut self.out_client,
-            };
-            let frame = &self.cbuf[..len];
-            last = tag;
-            if self.cfg.pool_mode == PoolMode::Transaction {
-                let reg = &self.shared.statements;
-                forward::transaction_mode(&mut co.conn, &mut self.stmts, reg, frame, &mut out);
-            } else {
-                forward::pass(&mut co.conn, tag, frame, &mut out);
-            }
-            self.cbuf.advance(len);
-        }
-        self.awaits_server = matches!(last, b'Q' | b'S')
-            && self
-                .server
-                .as_ref()
-                .is_some_and(|co| co.conn.tracker.reply_due());
-        if !self.flush_now()? {
-            self.flush_rest().await?;
-        }
-        Ok(Flow::Continue)
-    }
-
-    /// Handles every whole message the server has sent; releases the server
-    /// in transaction mode once it is free.
-    async fn on_server_data(&mut self) -> Result<(), SessionError> {
-        self.awaits_server = false;
-        if let Some(co) = self.server.as_mut() {
-            let m = self.shared.metrics.route(self.route);
-            let tx = self.cfg.pool_mode == PoolMode::Transaction;
-            let conn = &mut co.conn;
-            // Forwarded frames are copied in runs, not one by one.
-            let (mut pos, mut run) = (0, 0);
-            while let Some((tag, len)) = peek_frame(&conn.rbuf[pos..], MAX_SERVER_MESSAGE)? {
-                if conn.tracker.passes(tag) || conn.tracker.settles(tag) {
-                    pos += len;
-                    continue;
-                }
-                if tag == b'Z' {
-                    if let Some(status) = conn.tracker.last_ready(&conn.rbuf[pos + 5..pos + len]) {
-                        m.ready(status);
-                        pos += len;
-                        continue;
-                    }
-                }
-                let frame = &conn.rbuf[pos..pos + len];
-                let step = forward::server_frame(&mut conn.tracker, &mut conn.prepared, frame);
-                if frame[0] == b'S' {
-                    if let Some((k, v)) = msg::parameter_status(&frame[5..]) {
-                        conn.vars.set(k, v);
-                        if step.forward {
-                            self.vars.set(k, v);
-                        }
-                    }
-                }
-                tracing::trace!(route = self.route.label(), tag = %(frame[0] as char), forward = step.forward, fakes = ?step.fakes, "server frame");
-                if step.stale_plan {
-                    // Same statement text maps to the same server name: a
-                    // re-prepare would hit the stale one. Start afresh.
-                    conn.prepared.clear();
-                    conn.discard = true;
-                }
-                // In transaction mode a server's FATAL ends that server, not
-                // the client's session: it is passed on as an ERROR.
-                let downgrade = step.fatal && tx;
-                if !step.forward || !step.fakes.is_empty() || downgrade {
-                    self.out_client.extend_from_slice(&conn.rbuf[run..pos]);
-                    if downgrade {
-                        msg::put_downgraded_error(&mut self.out_client, &frame[5..]);
-                    } else if step.forward {
-                        self.out_client.extend_from_slice(frame);
-                    }
-                    forward::put_fake_replies(&mut self.out_client, step.fakes);
-                    run = pos + len;
-                }
-                if let Some(status) = step.ready {
-                    m.ready(status);
-                }
-                pos += len;
-            }
-            self.out_client.extend_from_slice(&conn.rbuf[run..pos]);
-            conn.rbuf.advance(pos);
-        }
-        let free = self
-            .server
-            .as_ref()
-            .is_some_and(|c| c.conn.tracker.is_free());
-        // The client's cancel key lets go of this server before the client
-        // can see its ReadyForQuery: a cancel it sends after that must not
-        // reach the server's next user.
-        if free && self.tx_mode() {
-            self.cancel.slot.detach();
-        }
-        if !self.flush_now()? {
-            self.flush_rest().await?;
-        }
-        if free && self.tx_mode() {
-            self.check_in();
-        }
-        Ok(())
     }
 
     /// The server connection broke or left its role: drop it, and tell the
