@@ -193,10 +193,14 @@ async fn accept_loop(l: TcpListener, route: Route, ctx: AcceptCtx) {
         accepting,
         tasks,
     } = ctx;
+    // One wait for the stop, registered once, not once per client.
+    let stop = accepting.cancelled();
+    tokio::pin!(stop);
     loop {
         let accepted = tokio::select! {
+            biased;
+            _ = &mut stop => return,
             a = l.accept() => a,
-            _ = accepting.cancelled() => return,
         };
         match accepted {
             Ok((stream, _)) => {

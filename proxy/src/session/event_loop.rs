@@ -154,7 +154,7 @@ impl<C: ClientIo> Session<C> {
     }
 
     /// The message loop, until the client leaves or the proxy stops.
-    pub(super) async fn run(mut self) {
+    pub(super) async fn run(&mut self) {
         // The bell is rung after the routing table changed or the drain
         // began; a drain that began before this session registered its
         // bell is seen here.

@@ -428,7 +428,7 @@ impl<C: ClientIo> Session<C> {
     }
 
     /// The client left: keep its server only if it is clean.
-    async fn finish(mut self) {
+    async fn finish(&mut self) {
         // The read buffer goes back to the shelf for the next client.
         if self.cbuf.capacity() > 0 {
             buffers::park_buffer(&mut self.cbuf);

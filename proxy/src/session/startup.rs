@@ -116,7 +116,10 @@ pub async fn serve<C>(
     let hs = Box::pin(handshake(shared, client, route, over, buf, bell.clone()));
     // The startup deadline (see `serve_tcp`) ends here, unless it passed
     // while the greeting went out.
-    if let Some(session) = hs.await.filter(|_| bell.started()) {
+    // (Awaited in its own statement: the finished handshake's box is freed
+    // before the session runs, not held beside it for the client's life.)
+    let session = hs.await;
+    if let Some(mut session) = session.filter(|_| bell.started()) {
         session.run().await;
     }
     drop(guard);

@@ -103,7 +103,10 @@ fn a_message_read_before_the_bell_never_reaches_a_server_that_left_its_role() {
 
         // The loop takes over: both requests are answered, then the client
         // leaves.
-        let session = tokio::spawn(s.run());
+        let session = tokio::spawn(async move {
+            let mut s = s;
+            s.run().await
+        });
         let first = until_ready(&mut app, &mut buf).await;
         let second = until_ready(&mut app, &mut buf).await;
         app.write_all(&[b'X', 0, 0, 0, 4]).await.unwrap();
