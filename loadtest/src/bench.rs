@@ -74,6 +74,10 @@ pub struct Row {
     pub user_per_tx: Option<Duration>,
     /// Set when the target could not run the scenario at all.
     pub error: Option<String>,
+    /// Each round's TPS and CPU per transaction, in round order: the
+    /// targets ran one after the other in every round, so the same index
+    /// on two rows is a pair measured under the same machine load.
+    pub rounds: Vec<(f64, Option<Duration>)>,
 }
 
 fn median<T: Copy + PartialOrd>(mut v: Vec<T>) -> Option<T> {
@@ -129,6 +133,10 @@ pub fn run_matrix(
                 cpu_per_tx: median(results.iter().filter_map(|r| r.1.map(|c| c.0)).collect()),
                 user_per_tx: median(results.iter().filter_map(|r| r.1.map(|c| c.1)).collect()),
                 error: errors[i].clone(),
+                rounds: results
+                    .iter()
+                    .map(|r| (r.0.tps, r.1.map(|c| c.0)))
+                    .collect(),
             });
         }
     }
@@ -195,6 +203,66 @@ pub fn render(rows: &[Row], reference: &str) -> String {
     out
 }
 
+/// Ratios against `reference` taken round by round (each round's pair ran
+/// back to back): median, lowest and highest, and in how many rounds the
+/// target's CPU per transaction was at most the reference's. On a noisy
+/// machine this says more than the ratio of two medians.
+pub fn render_paired(rows: &[Row], reference: &str) -> String {
+    let mut out = String::new();
+    let spread = |mut v: Vec<f64>| -> String {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+        match (median(v.clone()), v.first(), v.last()) {
+            (Some(m), Some(lo), Some(hi)) => format!("{m:.2} ({lo:.2}-{hi:.2})"),
+            _ => "-".into(),
+        }
+    };
+    for r in rows
+        .iter()
+        .filter(|r| r.target != reference && r.error.is_none())
+    {
+        let Some(base) = rows
+            .iter()
+            .find(|x| x.scenario == r.scenario && x.target == reference && x.error.is_none())
+        else {
+            continue;
+        };
+        let pairs: Vec<_> = r.rounds.iter().zip(&base.rounds).collect();
+        let tps: Vec<f64> = pairs
+            .iter()
+            .filter(|(_, b)| b.0 > 0.0)
+            .map(|(a, b)| a.0 / b.0)
+            .collect();
+        let cpu: Vec<f64> = pairs
+            .iter()
+            .filter_map(|(a, b)| match (a.1, b.1) {
+                (Some(x), Some(y)) if !y.is_zero() => Some(x.as_secs_f64() / y.as_secs_f64()),
+                _ => None,
+            })
+            .collect();
+        if tps.is_empty() {
+            continue;
+        }
+        let cpu_line = if cpu.is_empty() {
+            "-".to_string()
+        } else {
+            let at_most = cpu.iter().filter(|&&x| x <= 1.0).count();
+            format!(
+                "{}, at most 1 in {at_most} of {}",
+                spread(cpu.clone()),
+                cpu.len()
+            )
+        };
+        let _ = writeln!(
+            out,
+            "{:<22} {:<12} tps/ref {:<20} cpu/ref {cpu_line}",
+            r.scenario,
+            r.target,
+            spread(tps)
+        );
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -217,6 +285,7 @@ mod tests {
             cpu_per_tx: cpu_us.map(Duration::from_micros),
             user_per_tx: cpu_us.map(|us| Duration::from_micros(us / 4)),
             error: error.map(str::to_owned),
+            rounds: vec![],
         };
         let table = render(
             &[
@@ -237,6 +306,40 @@ mod tests {
         assert!(
             table.contains("error: prepared statement P_0 already exists"),
             "{table}"
+        );
+    }
+
+    #[test]
+    fn paired_ratios_are_taken_round_by_round() {
+        let row = |target: &str, rounds: Vec<(f64, u64)>| Row {
+            scenario: "select".into(),
+            target: target.into(),
+            tps: 0.0,
+            latency_avg: Duration::ZERO,
+            latency_p99: Duration::ZERO,
+            cpu_per_tx: None,
+            user_per_tx: None,
+            error: None,
+            rounds: rounds
+                .into_iter()
+                .map(|(t, c)| (t, Some(Duration::from_micros(c))))
+                .collect(),
+        };
+        // Round 2 is slow for both: paired, the proxy wins it too.
+        let rows = [
+            row("pgbouncer", vec![(1000.0, 20), (500.0, 40), (1000.0, 20)]),
+            row("pgha-proxy", vec![(1100.0, 18), (600.0, 36), (900.0, 24)]),
+        ];
+        let text = render_paired(&rows, "pgbouncer");
+        let line = text.lines().find(|l| l.contains("pgha-proxy")).unwrap();
+        assert!(line.contains("tps/ref 1.10 (0.90-1.20)"), "{text}");
+        assert!(
+            line.contains("cpu/ref 0.90 (0.90-1.20), at most 1 in 2 of 3"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("pgbouncer "),
+            "no line for the reference itself: {text}"
         );
     }
 }

@@ -169,6 +169,8 @@ fn bench_poolers(
     println!("pgbench -S, {runs} runs of {secs}s each, medians; ratios against pgbouncer");
     println!("avg: pgbench's (with -C it includes connecting); p99: per-transaction log (excludes connecting)");
     print!("{}", bench::render(&rows, "pgbouncer"));
+    println!("paired by round (each pair ran back to back): median (lowest-highest)");
+    print!("{}", bench::render_paired(&rows, "pgbouncer"));
     if idle > 0 {
         let before = idle::rss_bytes(proxy_pid).map_err(anyhow::Error::msg)?;
         let clients = idle::open_idle_clients(proxy.rw_port(), "postgres", "postgres", idle)
