@@ -48,7 +48,8 @@ const STARTING: u8 = 1;
 const EXPIRED: u8 = 2;
 
 /// How often the startup sweeper runs: the resolution of `startup_timeout`
-/// (a client is dropped between the timeout and one tick after it).
+/// (a client is dropped between the timeout and two ticks after it: the
+/// timeout is rounded up to whole ticks, plus the tick in progress).
 pub const STARTUP_TICK: Duration = Duration::from_millis(100);
 
 impl Doorbell {
