@@ -19,6 +19,7 @@ PACKAGES=(
   pkg-config
   procps                 # ps/pgrep for process checks
   iproute2               # network namespaces for partition tests
+  iptables               # pgha_local::Blackhole: peers that vanish, in the proxy's network tests
 )
 
 SUDO=""

@@ -5,7 +5,8 @@
 //! Every integration test, `pgha up`, the load tester and the benchmarks start
 //! servers through this crate, so there is one place that knows how to run
 //! them. It may spawn processes, bind probe sockets and touch the filesystem
-//! under its sandbox and a shared template/port-lock area in the temp dir.
+//! under its sandbox and a shared template/port-lock area in the temp dir;
+//! [`Blackhole`] adds iptables rules for one of its ports while it lives.
 //!
 //! ```no_run
 //! use pgha_local::{Sandbox, EtcdCluster, PgInstance, PgOptions};
@@ -18,6 +19,7 @@
 
 mod agent;
 mod bins;
+mod blackhole;
 mod error;
 mod etcd;
 mod patroni;
@@ -33,6 +35,7 @@ mod wait;
 
 pub use agent::{psql as psql_with_password, psql_with, AgentNode, AgentOptions, TEST_PASSWORD};
 pub use bins::sibling_binary;
+pub use blackhole::Blackhole;
 pub use error::Error;
 pub use etcd::{EtcdCluster, EtcdMember};
 pub use patroni::{PatroniNode, PatroniTiming};
