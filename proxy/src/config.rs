@@ -188,6 +188,36 @@ pub struct Config {
     pub switchover_drain_timeout: Duration,
     /// Prepared statements kept per server connection (transaction mode). Default 256.
     pub prepared_cache_size: usize,
+    /// TCP keepalive on client and server sockets, so a peer that vanished
+    /// without closing (power-off, partition) is noticed: a vanished
+    /// client's server connection goes back to the pool, a vanished
+    /// server's client gets an error. Default true.
+    pub tcp_keepalive: bool,
+    /// A connection quiet this long gets its first keepalive probe. Whole
+    /// seconds, at least 1s (the kernel counts in seconds). Default 30s.
+    #[serde(with = "humantime_serde")]
+    pub tcp_keepalive_idle: Duration,
+    /// Between unanswered keepalive probes. Whole seconds, at least 1s.
+    /// Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub tcp_keepalive_interval: Duration,
+    /// Unanswered probes after which the connection is dropped: a dead
+    /// quiet peer is noticed after idle + interval x count (default
+    /// 30s + 3 x 10s = 1 minute). Default 3.
+    pub tcp_keepalive_count: u32,
+    /// TCP_USER_TIMEOUT (whole milliseconds): a connection whose sent data
+    /// stays unacknowledged this long is dropped, so a request sent to a
+    /// server that vanished fails after this instead of ~15 minutes of
+    /// retransmissions (keepalive does not probe while data is in flight).
+    /// With keepalive on it replaces tcp_keepalive_count: a quiet
+    /// connection is dropped once it was silent this long with a probe
+    /// unanswered, so keep it above idle + interval x count. Off by default
+    /// (`0s`, the kernel's default) because it also drops a live peer
+    /// whose receive window stays closed that long, e.g. a client that
+    /// does not read a large result; set it well above the longest such
+    /// pause you accept. Default 0s.
+    #[serde(with = "humantime_serde")]
+    pub tcp_user_timeout: Duration,
     /// Client authentication. Default `scram-sha-256`.
     pub auth_method: AuthMethod,
     /// PgBouncer-style users file: lines of `"user" "password"`. The
@@ -246,6 +276,11 @@ impl Default for Config {
             ro_fallback_to_leader: true,
             switchover_drain_timeout: Duration::from_secs(3),
             prepared_cache_size: 256,
+            tcp_keepalive: true,
+            tcp_keepalive_idle: Duration::from_secs(30),
+            tcp_keepalive_interval: Duration::from_secs(10),
+            tcp_keepalive_count: 3,
+            tcp_user_timeout: Duration::ZERO,
             auth_method: AuthMethod::ScramSha256,
             users_file: None,
             auth_query: None,
@@ -353,6 +388,7 @@ impl Config {
                 "is required by server_tls_mode = \"verify-full\"",
             );
         }
+        self.validate_tcp()?;
         if pgha_cluster::validate_name(&self.id).is_err() {
             return err("id", "may only contain letters, digits, '-', '_' and '.'");
         }
@@ -366,7 +402,53 @@ impl Config {
             _ => Ok(()),
         }
     }
+
+    /// The `tcp_*` keys: what the kernel accepts (Linux's limits), so a
+    /// socket option never fails on a value the file allowed.
+    fn validate_tcp(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: String| Err(ConfigError::Invalid { key, reason });
+        if self.tcp_keepalive {
+            for (key, d) in [
+                ("tcp_keepalive_idle", self.tcp_keepalive_idle),
+                ("tcp_keepalive_interval", self.tcp_keepalive_interval),
+            ] {
+                if d < Duration::from_secs(1) {
+                    return invalid(key, "must be at least 1s when tcp_keepalive is on".into());
+                }
+                if d.subsec_nanos() != 0 {
+                    return invalid(
+                        key,
+                        "must be whole seconds (the kernel counts keepalive in seconds)".into(),
+                    );
+                }
+                if d > Duration::from_secs(MAX_KEEPALIVE_SECS) {
+                    return invalid(key, format!("must be at most {MAX_KEEPALIVE_SECS}s"));
+                }
+            }
+            if !(1..=MAX_KEEPALIVE_COUNT).contains(&self.tcp_keepalive_count) {
+                return invalid(
+                    "tcp_keepalive_count",
+                    format!("must be between 1 and {MAX_KEEPALIVE_COUNT}"),
+                );
+            }
+        }
+        let t = self.tcp_user_timeout;
+        if !t.subsec_nanos().is_multiple_of(1_000_000) {
+            return invalid("tcp_user_timeout", "must be whole milliseconds".into());
+        }
+        if t.as_millis() > i32::MAX as u128 {
+            return invalid(
+                "tcp_user_timeout",
+                format!("must be at most {}ms", i32::MAX),
+            );
+        }
+        Ok(())
+    }
 }
+
+/// Linux's limits for TCP_KEEPIDLE / TCP_KEEPINTVL and TCP_KEEPCNT.
+const MAX_KEEPALIVE_SECS: u64 = 32_767;
+const MAX_KEEPALIVE_COUNT: u32 = 127;
 
 #[cfg(test)]
 mod tests {
@@ -420,6 +502,54 @@ mod tests {
         new.keep_restart_keys(&old);
         assert_eq!(new.changed_keys(&old), vec!["admin_token", "pool_size"]);
         assert!(old.changed_keys(&old).is_empty());
+    }
+
+    #[test]
+    fn tcp_keepalive_is_on_by_default_and_user_timeout_off() {
+        let c = Config::parse(MINIMAL).unwrap();
+        assert!(c.tcp_keepalive);
+        assert_eq!(c.tcp_keepalive_idle, Duration::from_secs(30));
+        assert_eq!(c.tcp_keepalive_interval, Duration::from_secs(10));
+        assert_eq!(c.tcp_keepalive_count, 3);
+        assert_eq!(c.tcp_user_timeout, Duration::ZERO);
+        let c = Config::parse(&format!(
+            "tcp_keepalive_idle = \"2s\"\ntcp_user_timeout = \"1500ms\"\n{MINIMAL}"
+        ))
+        .unwrap();
+        assert_eq!(c.tcp_keepalive_idle, Duration::from_secs(2));
+        assert_eq!(c.tcp_user_timeout, Duration::from_millis(1500));
+    }
+
+    #[test]
+    fn bad_tcp_values_name_key_and_reason() {
+        for (key, value, reason) in [
+            ("tcp_keepalive_idle", "'0s'", "must be at least 1s"),
+            ("tcp_keepalive_idle", "'1500ms'", "must be whole seconds"),
+            ("tcp_keepalive_interval", "'500ms'", "must be at least 1s"),
+            (
+                "tcp_keepalive_interval",
+                "'40000s'",
+                "must be at most 32767s",
+            ),
+            ("tcp_keepalive_count", "0", "must be between 1 and 127"),
+            ("tcp_keepalive_count", "128", "must be between 1 and 127"),
+            ("tcp_user_timeout", "'1500us'", "must be whole milliseconds"),
+            (
+                "tcp_user_timeout",
+                "'30days'",
+                "must be at most 2147483647ms",
+            ),
+        ] {
+            let e = Config::parse(&format!("{key} = {value}\n{MINIMAL}")).unwrap_err();
+            let e = e.to_string();
+            assert!(
+                e.contains(&format!("`{key}`: {reason}")),
+                "{key} = {value}: {e}"
+            );
+        }
+        // With keepalive off its other keys are not used, so not checked.
+        let off = "tcp_keepalive = false\ntcp_keepalive_idle = '0s'\ntcp_keepalive_count = 0";
+        assert!(Config::parse(&format!("{off}\n{MINIMAL}")).is_ok());
     }
 
     #[test]

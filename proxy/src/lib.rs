@@ -22,6 +22,7 @@ pub mod reload;
 pub mod router;
 pub mod server;
 pub mod session;
+pub mod sockopt;
 pub mod switchover;
 pub mod tls;
 pub mod topology;
@@ -54,6 +55,8 @@ pub struct Shared {
     /// Cancelled on SIGTERM: sessions finish their transaction and leave.
     pub draining: tokio_util::sync::CancellationToken,
     pub pools: pool::Pools,
+    /// TCP options for new client and server sockets; swapped on SIGHUP.
+    pub sockets: Arc<sockopt::SocketSetup>,
     pub topology: Arc<topology::Topology>,
     pub cancels: Arc<cancel::Cancels>,
     /// Every session's doorbell: routing changes, drain, stop.
@@ -83,8 +86,10 @@ impl Drop for ClientGuard {
 
 impl Shared {
     pub fn new(cfg: Arc<Config>, users: Option<auth::Users>, table: router::RoutingTable) -> Self {
+        let sockets = Arc::new(sockopt::SocketSetup::new(&cfg));
         Shared {
-            pools: pool::Pools::new(cfg.clone()),
+            pools: pool::Pools::new(cfg.clone(), sockets.clone()),
+            sockets,
             cfg: arc_swap::ArcSwap::new(cfg),
             users: arc_swap::ArcSwapOption::from(users.map(Arc::new)),
             draining: tokio_util::sync::CancellationToken::new(),

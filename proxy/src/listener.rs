@@ -1,7 +1,8 @@
 //! Starting and stopping the proxy: binds the read-write and read-only
 //! listeners, spawns one session per client, and stops on a cancellation
 //! token. Tests run the proxy in-process through [`Proxy::start`].
-//! May call: `session`, `topology`, `config`, `auth` (loading users).
+//! May call: `session`, `topology`, `config`, `auth` (loading users),
+//! `sockopt`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -204,7 +205,7 @@ async fn accept_loop(l: TcpListener, route: Route, ctx: AcceptCtx) {
         };
         match accepted {
             Ok((stream, _)) => {
-                let _ = stream.set_nodelay(true);
+                shared.sockets.apply(&stream, "client");
                 tasks.spawn(crate::session::serve_tcp(shared.clone(), stream, route));
             }
             Err(e) => tracing::warn!(error = %e, "accept failed"),

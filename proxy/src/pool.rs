@@ -23,6 +23,7 @@ use crate::config::Config;
 use crate::lock;
 use crate::router::{Backend, Route};
 use crate::server::{ConnectOpts, Login, Params, ServerConn, ServerError};
+use crate::sockopt::SocketSetup;
 use crate::tls::ServerTls;
 
 /// Why no server connection was handed out.
@@ -111,14 +112,10 @@ impl Pool {
         route: Route,
         login: Login,
         cfg: Arc<Config>,
-        tls: Option<Arc<ServerTls>>,
+        connect: ConnectOpts,
     ) -> Pool {
         Pool {
-            connect: ConnectOpts {
-                timeout: cfg.server_connect_timeout,
-                cache_size: cfg.prepared_cache_size,
-                tls,
-            },
+            connect,
             route,
             slots: Arc::new(Semaphore::new(cfg.pool_size)),
             backend,
@@ -350,6 +347,9 @@ pub struct Pools {
     /// For pools made from now on; swapped by a reload.
     cfg: arc_swap::ArcSwap<Config>,
     server_tls: arc_swap::ArcSwapOption<ServerTls>,
+    /// Read at each connect, so a reload's TCP options reach new
+    /// connections of existing pools too.
+    sockets: Arc<SocketSetup>,
     map: Mutex<HashMap<PoolKey, Arc<Pool>>>,
     /// The pool handed out last: most connects ask for the same one, and
     /// this spares them building and hashing a key.
@@ -357,10 +357,11 @@ pub struct Pools {
 }
 
 impl Pools {
-    pub fn new(cfg: Arc<Config>) -> Pools {
+    pub fn new(cfg: Arc<Config>, sockets: Arc<SocketSetup>) -> Pools {
         Pools {
             cfg: arc_swap::ArcSwap::new(cfg),
             server_tls: arc_swap::ArcSwapOption::empty(),
+            sockets,
             map: Mutex::new(HashMap::new()),
             last: Mutex::new(None),
         }
@@ -395,12 +396,19 @@ impl Pools {
                 return p.clone();
             }
         }
+        let cfg = self.cfg.load_full();
+        let connect = ConnectOpts {
+            timeout: cfg.server_connect_timeout,
+            cache_size: cfg.prepared_cache_size,
+            tls: self.server_tls.load_full(),
+            sockets: self.sockets.clone(),
+        };
         let p = Arc::new(Pool::new(
             backend.clone(),
             route,
             login.clone(),
-            self.cfg.load_full(),
-            self.server_tls.load_full(),
+            cfg,
+            connect,
         ));
         map.insert(key, p.clone());
         p
@@ -422,6 +430,7 @@ impl Pools {
             timeout: self.cfg.load().server_connect_timeout,
             cache_size: 1,
             tls: self.server_tls.load_full(),
+            sockets: self.sockets.clone(),
         }
     }
 

@@ -6,8 +6,10 @@
 //! keeps running on the old settings, saying which key is wrong. Keys in
 //! [`RESTART_KEYS`] keep their old value (logged). Changing a key in
 //! [`POOL_KEYS`] replaces the pools; static backends are swapped in as a
-//! new routing table; sessions pick up the rest at their next turn (their
-//! doorbell rings). May call: `config`, `auth`, `tls`, `pool`, `watch`.
+//! new routing table; the `tcp_*` keys apply to sockets accepted or opened
+//! from now on; sessions pick up the rest at their next turn (their
+//! doorbell rings). May call: `config`, `auth`, `tls`, `pool`, `sockopt`,
+//! `watch`.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -58,6 +60,7 @@ pub fn reload(shared: &Shared, path: &Path) -> Result<Reloaded, ReloadError> {
     shared.users.store(users.map(Arc::new));
     shared.tls.store(tls);
     shared.cfg.store(new.clone());
+    shared.sockets.set(&new);
     let replace_pools = applied.iter().any(|k| POOL_KEYS.contains(&k.as_str()));
     shared
         .pools

@@ -5,7 +5,7 @@
 //!
 //! After login the session moves bytes on [`ServerConn::stream`] itself;
 //! this module only runs the proxy's own little conversations. May call:
-//! `protocol`, `tracker`, `prepared`, tokio networking.
+//! `protocol`, `tracker`, `prepared`, `sockopt`, tokio networking.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -22,6 +22,7 @@ use crate::prepared::ServerCache;
 use crate::protocol::messages::{self as msg, ErrorFields};
 use crate::protocol::{split_frame, Frame, ProtocolError};
 use crate::router::Backend;
+use crate::sockopt::SocketSetup;
 use crate::tls::ServerTls;
 use crate::tracker::Tracker;
 use crate::vars::Vars;
@@ -232,6 +233,8 @@ pub struct ConnectOpts {
     /// Prepared statements kept (transaction mode).
     pub cache_size: usize,
     pub tls: Option<Arc<ServerTls>>,
+    /// TCP options (keepalive, user timeout) as configured now.
+    pub sockets: Arc<SocketSetup>,
 }
 
 /// A logged-in server connection.
@@ -281,7 +284,7 @@ impl ServerConn {
                 backend: backend.name.clone(),
                 source,
             })?;
-        let _ = tcp.set_nodelay(true);
+        opts.sockets.apply(&tcp, "server");
         let stream = match &opts.tls {
             Some(tls) => negotiate_tls(tcp, &backend, tls).await?,
             None => ServerStream::Plain(tcp),

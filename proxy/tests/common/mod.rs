@@ -135,9 +135,23 @@ impl Raw {
         Raw::connect_with_params(port).0
     }
 
+    /// Connects from 127.0.0.1:`local` (a port reserved by the harness, so
+    /// no other socket shares it) and logs in.
+    pub fn connect_from(port: u16, local: u16) -> Raw {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        let addr = |p: u16| std::net::SocketAddr::from(([127, 0, 0, 1], p));
+        s.bind(&addr(local).into()).unwrap();
+        s.connect(&addr(port).into()).unwrap();
+        Raw::login(s.into()).0
+    }
+
     /// Connects and returns the ParameterStatus values the proxy sent.
     pub fn connect_with_params(port: u16) -> (Raw, Vec<(String, String)>) {
-        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        Raw::login(TcpStream::connect(("127.0.0.1", port)).unwrap())
+    }
+
+    /// Logs in on `s`; returns the ParameterStatus values the proxy sent.
+    fn login(s: TcpStream) -> (Raw, Vec<(String, String)>) {
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         let mut r = Raw {
             s,
