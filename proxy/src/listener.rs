@@ -134,6 +134,8 @@ impl Proxy {
             ));
         }
         for (l, route) in [(rw, Route::ReadWrite), (ro, Route::ReadOnly)] {
+            let l = Arc::new(l);
+            shared.sockets.listen(&l);
             let ctx = AcceptCtx {
                 shared: shared.clone(),
                 accepting: handle.accepting.clone(),
@@ -188,7 +190,7 @@ struct AcceptCtx {
     tasks: TaskTracker,
 }
 
-async fn accept_loop(l: TcpListener, route: Route, ctx: AcceptCtx) {
+async fn accept_loop(l: Arc<TcpListener>, route: Route, ctx: AcceptCtx) {
     let AcceptCtx {
         shared,
         accepting,
@@ -205,7 +207,7 @@ async fn accept_loop(l: TcpListener, route: Route, ctx: AcceptCtx) {
         };
         match accepted {
             Ok((stream, _)) => {
-                shared.sockets.apply(&stream, "client");
+                // TCP options: inherited from the listener (see `sockopt`).
                 tasks.spawn(crate::session::serve_tcp(shared.clone(), stream, route));
             }
             Err(e) => tracing::warn!(error = %e, "accept failed"),

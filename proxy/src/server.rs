@@ -284,7 +284,7 @@ impl ServerConn {
                 backend: backend.name.clone(),
                 source,
             })?;
-        opts.sockets.apply(&tcp, "server");
+        opts.sockets.apply(&tcp);
         let stream = match &opts.tls {
             Some(tls) => negotiate_tls(tcp, &backend, tls).await?,
             None => ServerStream::Plain(tcp),

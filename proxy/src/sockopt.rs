@@ -1,21 +1,25 @@
-//! TCP options on the proxy's sockets, set once per socket: on every
-//! accepted client (both listeners) and every server connection a pool
-//! opens.
+//! TCP options on the proxy's sockets: TCP_NODELAY, keepalive and
+//! TCP_USER_TIMEOUT, so that a peer that vanished without a FIN or RST
+//! (power-off, partition) is noticed: a vanished session-mode client gives
+//! its server connection back, and a client waiting on a vanished server
+//! gets an error instead of hanging for the kernel's retransmission limit
+//! (tcp_retries2, ~15 minutes), as PgBouncer's tcp_keepalive and
+//! tcp_user_timeout do.
 //!
-//! Besides TCP_NODELAY, keepalive and TCP_USER_TIMEOUT, so that a peer
-//! that vanished without a FIN or RST (power-off, partition) is noticed:
-//! a vanished session-mode client gives its server connection back, and a
-//! client waiting on a vanished server gets an error instead of hanging
-//! for the kernel's retransmission limit (tcp_retries2, ~15 minutes), as
-//! PgBouncer's tcp_keepalive and tcp_user_timeout do. A reload swaps the
-//! options for sockets made from then on. May call: `config`, `socket2`.
+//! Client sockets get them from their listener: Linux copies a listening
+//! socket's options to every connection it accepts, so they are set on the
+//! two listeners (at start and on each reload) and a new client costs no
+//! system call for them. Each server connection a pool opens gets them
+//! when it connects. A reload swaps the options for sockets made from then
+//! on. May call: `config`, `socket2`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use socket2::{SockRef, TcpKeepalive};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::config::Config;
 
@@ -53,32 +57,35 @@ impl TcpOptions {
         }
     }
 
-    /// Sets every option on `tcp`; all are tried, the first failure is
-    /// returned. Options left at the kernel's default cost no syscall.
-    pub fn apply(&self, tcp: &TcpStream) -> std::io::Result<()> {
-        let sock = SockRef::from(tcp);
+    /// Sets every option on `sock`, turning off what is off (a reload may
+    /// turn keepalive off on a listener); all are tried, the first failure
+    /// is returned.
+    pub fn apply(&self, sock: SockRef<'_>) -> std::io::Result<()> {
         let nodelay = sock.set_tcp_nodelay(true);
-        let keepalive = self.keepalive.map_or(Ok(()), |k| {
-            let params = TcpKeepalive::new()
-                .with_time(k.idle)
-                .with_interval(k.interval)
-                .with_retries(k.count);
-            sock.set_tcp_keepalive(&params)
-        });
-        let user_timeout = self
-            .user_timeout
-            .map_or(Ok(()), |t| set_user_timeout(&sock, t));
+        let keepalive = match self.keepalive {
+            Some(k) => sock.set_tcp_keepalive(
+                &TcpKeepalive::new()
+                    .with_time(k.idle)
+                    .with_interval(k.interval)
+                    .with_retries(k.count),
+            ),
+            None => sock.set_keepalive(false),
+        };
+        let user_timeout = set_user_timeout(&sock, self.user_timeout);
         nodelay.and(keepalive).and(user_timeout)
     }
 }
 
 #[cfg(any(target_os = "linux", target_os = "android"))]
-fn set_user_timeout(sock: &SockRef<'_>, t: Duration) -> std::io::Result<()> {
-    sock.set_tcp_user_timeout(Some(t))
+fn set_user_timeout(sock: &SockRef<'_>, t: Option<Duration>) -> std::io::Result<()> {
+    sock.set_tcp_user_timeout(t)
 }
 
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
-fn set_user_timeout(_: &SockRef<'_>, _: Duration) -> std::io::Result<()> {
+fn set_user_timeout(_: &SockRef<'_>, t: Option<Duration>) -> std::io::Result<()> {
+    if t.is_none() {
+        return Ok(());
+    }
     Err(std::io::Error::new(
         std::io::ErrorKind::Unsupported,
         "TCP_USER_TIMEOUT exists only on Linux",
@@ -90,6 +97,8 @@ fn set_user_timeout(_: &SockRef<'_>, _: Duration) -> std::io::Result<()> {
 #[derive(Debug)]
 pub struct SocketSetup {
     current: ArcSwap<TcpOptions>,
+    /// The listeners whose accepted sockets inherit the options.
+    listeners: Mutex<Vec<Weak<TcpListener>>>,
     /// A failure was logged at warn; later ones go to debug, so a kernel
     /// that refuses an option does not log once per connection.
     warned: AtomicBool,
@@ -99,14 +108,29 @@ impl SocketSetup {
     pub fn new(cfg: &Config) -> SocketSetup {
         SocketSetup {
             current: ArcSwap::from_pointee(TcpOptions::from_config(cfg)),
+            listeners: Mutex::new(Vec::new()),
             warned: AtomicBool::new(false),
         }
     }
 
-    /// Sockets made from now on get `cfg`'s options; open ones keep theirs.
+    /// Sockets made from now on get `cfg`'s options, clients accepted by
+    /// the listeners included; open ones keep theirs.
     pub fn set(&self, cfg: &Config) {
-        self.current
-            .store(std::sync::Arc::new(TcpOptions::from_config(cfg)));
+        let opts = TcpOptions::from_config(cfg);
+        self.current.store(Arc::new(opts));
+        let mut listeners = crate::lock(&self.listeners);
+        listeners.retain(|l| l.strong_count() > 0);
+        for l in listeners.iter().filter_map(Weak::upgrade) {
+            self.report(opts.apply(SockRef::from(&*l)), "listener");
+        }
+    }
+
+    /// Sets the current options on `l`, which its accepted sockets then
+    /// inherit, and again on each [`SocketSetup::set`] while `l` lives.
+    pub fn listen(&self, l: &Arc<TcpListener>) {
+        let mut listeners = crate::lock(&self.listeners);
+        self.report(self.current().apply(SockRef::from(&**l)), "listener");
+        listeners.push(Arc::downgrade(l));
     }
 
     /// The options now.
@@ -114,46 +138,52 @@ impl SocketSetup {
         **self.current.load()
     }
 
-    /// Applies the current options to a new `peer` ("client" or "server")
-    /// socket. A failure is not fatal: the connection works, it may only
-    /// miss a vanished peer.
-    pub fn apply(&self, tcp: &TcpStream, peer: &'static str) {
-        let Err(e) = self.current.load().apply(tcp) else {
+    /// Applies the current options to a new server connection.
+    pub fn apply(&self, tcp: &TcpStream) {
+        self.report(self.current.load().apply(SockRef::from(tcp)), "server");
+    }
+
+    /// A failure is not fatal: the connection works, it may only miss a
+    /// vanished peer.
+    fn report(&self, r: std::io::Result<()>, socket: &'static str) {
+        let Err(e) = r else {
             return;
         };
         if self.warned.swap(true, Ordering::Relaxed) {
-            tracing::debug!(peer, error = %e, "cannot set TCP options");
+            tracing::debug!(socket, error = %e, "cannot set TCP options");
         } else {
-            tracing::warn!(peer, error = %e, "cannot set TCP options (keepalive, user timeout): a vanished peer may go unnoticed; logged once");
+            tracing::warn!(socket, error = %e, "cannot set TCP options (keepalive, user timeout): a vanished peer may go unnoticed; logged once");
         }
     }
 }
 
 // The getters read back are Linux's.
 #[cfg(all(test, any(target_os = "linux", target_os = "android")))]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
-    /// A connected loopback pair: (the accepted side, the connecting side).
-    #[allow(clippy::unwrap_used)]
-    async fn pair() -> (TcpStream, TcpStream) {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    /// A connection accepted by `l`, with its peer.
+    async fn accept(l: &TcpListener) -> (TcpStream, TcpStream) {
         let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         (l.accept().await.unwrap().0, c)
     }
 
-    #[tokio::test]
-    async fn apply_sets_keepalive_and_user_timeout_on_a_real_socket() {
-        let cfg = Config {
+    async fn listener() -> Arc<TcpListener> {
+        Arc::new(TcpListener::bind("127.0.0.1:0").await.unwrap())
+    }
+
+    fn custom() -> Config {
+        Config {
             tcp_keepalive_idle: Duration::from_secs(7),
             tcp_keepalive_interval: Duration::from_secs(3),
             tcp_keepalive_count: 4,
             tcp_user_timeout: Duration::from_millis(2500),
             ..Config::default()
-        };
-        let (accepted, _peer) = pair().await;
-        TcpOptions::from_config(&cfg).apply(&accepted).unwrap();
-        let s = SockRef::from(&accepted);
+        }
+    }
+
+    fn assert_custom(s: SockRef<'_>) {
         assert!(s.tcp_nodelay().unwrap());
         assert!(s.keepalive().unwrap());
         assert_eq!(s.tcp_keepalive_time().unwrap(), Duration::from_secs(7));
@@ -166,44 +196,59 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn keepalive_off_and_no_user_timeout_leave_the_kernel_defaults() {
-        let cfg = Config {
+    async fn a_server_connection_gets_every_option() {
+        let (conn, _peer) = accept(&*listener().await).await;
+        SocketSetup::new(&custom()).apply(&conn);
+        assert_custom(SockRef::from(&conn));
+    }
+
+    #[tokio::test]
+    async fn accepted_clients_inherit_the_listeners_options_without_a_call() {
+        let setup = SocketSetup::new(&custom());
+        let l = listener().await;
+        setup.listen(&l);
+        let (client, _peer) = accept(&l).await;
+        assert_custom(SockRef::from(&client));
+    }
+
+    #[tokio::test]
+    async fn a_reload_reaches_clients_accepted_afterwards_and_can_turn_options_off() {
+        let setup = SocketSetup::new(&custom());
+        let l = listener().await;
+        setup.listen(&l);
+        let (before, _p1) = accept(&l).await;
+        setup.set(&Config {
             tcp_keepalive: false,
             ..Config::default()
-        };
-        let opts = TcpOptions::from_config(&cfg);
+        });
         assert_eq!(
-            opts,
+            setup.current(),
             TcpOptions {
                 keepalive: None,
                 user_timeout: None
             }
         );
-        let (accepted, _peer) = pair().await;
-        opts.apply(&accepted).unwrap();
-        let s = SockRef::from(&accepted);
+        let (after, _p2) = accept(&l).await;
+        assert_custom(SockRef::from(&before));
+        let s = SockRef::from(&after);
         assert!(s.tcp_nodelay().unwrap());
         assert!(!s.keepalive().unwrap());
         assert_eq!(s.tcp_user_timeout().unwrap(), None);
-    }
-
-    #[tokio::test]
-    async fn a_reload_changes_the_options_of_sockets_made_afterwards() {
-        let setup = SocketSetup::new(&Config::default());
-        let (before, _p1) = pair().await;
-        setup.apply(&before, "client");
         setup.set(&Config {
             tcp_keepalive_idle: Duration::from_secs(5),
             ..Config::default()
         });
-        let (after, _p2) = pair().await;
-        setup.apply(&after, "client");
-        let idle = |t: &TcpStream| SockRef::from(t).tcp_keepalive_time().unwrap();
-        assert_eq!(idle(&before), Duration::from_secs(30));
-        assert_eq!(idle(&after), Duration::from_secs(5));
-        assert_eq!(
-            setup.current().keepalive.map(|k| k.idle),
-            Some(Duration::from_secs(5))
-        );
+        let (again, _p3) = accept(&l).await;
+        let s = SockRef::from(&again);
+        assert!(s.keepalive().unwrap());
+        assert_eq!(s.tcp_keepalive_time().unwrap(), Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn a_closed_listener_is_forgotten() {
+        let setup = SocketSetup::new(&Config::default());
+        setup.listen(&listener().await);
+        setup.set(&custom());
+        assert!(crate::lock(&setup.listeners).is_empty());
     }
 }
