@@ -11,7 +11,6 @@
 //! what its server last reported. Values are interned, so the check made
 //! on every transaction is six pointer comparisons. May call: nothing.
 
-use std::collections::HashSet;
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// Distinct values kept for sharing; past this the set starts afresh
@@ -21,7 +20,10 @@ const MAX_INTERNED: usize = 10_000;
 
 /// The one shared copy of `value`.
 fn intern(value: &str) -> Arc<str> {
-    static SET: OnceLock<Mutex<HashSet<Arc<str>>>> = OnceLock::new();
+    // foldhash: fast on short strings and seeded per process, so clients
+    // cannot choose values that collide (the set is shared by all).
+    type Set = std::collections::HashSet<Arc<str>, foldhash::fast::RandomState>;
+    static SET: OnceLock<Mutex<Set>> = OnceLock::new();
     let mut set = crate::lock(SET.get_or_init(Mutex::default));
     if let Some(v) = set.get(value) {
         return v.clone();

@@ -172,15 +172,27 @@ pub async fn authenticate<C: AsyncRead + AsyncWrite + Unpin>(
     user: &str,
 ) -> Result<Option<[u8; 32]>, AuthError> {
     let secret = match (method, secret) {
-        (AuthMethod::Trust, None) if !known_only => return Ok(None),
-        (AuthMethod::Trust, Some(_)) => return Ok(None),
+        (AuthMethod::Trust, s) => return trust(s, known_only, user),
         (_, Some(s)) => s,
         (_, None) => return Err(AuthError::UnknownUser(user.to_owned())),
     };
     match method {
-        AuthMethod::Trust => Ok(None),
+        AuthMethod::Trust => trust(Some(secret), known_only, user),
         AuthMethod::Md5 => md5(client, buf, secret, user).await.map(|_| None),
         AuthMethod::ScramSha256 => scram(client, buf, secret).await.map(Some),
+    }
+}
+
+/// `trust`: any user is let in without a password, unless a users file
+/// exists (`known_only`) and does not name it.
+pub fn trust(
+    secret: Option<&UserSecret>,
+    known_only: bool,
+    user: &str,
+) -> Result<Option<[u8; 32]>, AuthError> {
+    match secret {
+        None if known_only => Err(AuthError::UnknownUser(user.to_owned())),
+        _ => Ok(None),
     }
 }
 

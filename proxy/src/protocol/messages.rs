@@ -424,6 +424,6 @@ mod tests {
         else {
             panic!("not a startup")
         };
-        assert_eq!(p.database(), Some("d"));
+        assert_eq!(p.database(), "d");
     }
 }

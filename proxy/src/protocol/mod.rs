@@ -115,20 +115,28 @@ pub enum StartupPacket {
 }
 
 /// The parameters of a startup message, in the order sent: the block as
-/// one string (one allocation per client, not two per parameter) and where
-/// each key and value lies in it.
+/// one string (one allocation per client), checked when parsed to be
+/// NUL-separated key/value pairs with no empty key, and where the user and
+/// database values lie in it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StartupParams {
+    /// `key\0value\0` for each pair.
     text: String,
-    spans: Vec<(Range<usize>, Range<usize>)>,
+    user: Range<usize>,
+    database: Option<Range<usize>>,
 }
 
 impl StartupParams {
     /// (key, value) pairs in the order sent.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.spans
-            .iter()
-            .map(|(k, v)| (&self.text[k.clone()], &self.text[v.clone()]))
+        let mut rest = self.text.as_str();
+        let mut next = move || {
+            let end = nul(rest.as_bytes())?;
+            let part = &rest[..end];
+            rest = &rest[end + 1..];
+            Some(part)
+        };
+        std::iter::from_fn(move || Some((next()?, next()?)))
     }
 
     pub fn get(&self, key: &str) -> Option<&str> {
@@ -136,13 +144,15 @@ impl StartupParams {
     }
 
     /// The user name (required by the protocol).
-    pub fn user(&self) -> Option<&str> {
-        self.get("user")
+    pub fn user(&self) -> &str {
+        &self.text[self.user.clone()]
     }
 
     /// The database, defaulting to the user name as Postgres does.
-    pub fn database(&self) -> Option<&str> {
-        self.get("database").or_else(|| self.user())
+    pub fn database(&self) -> &str {
+        self.database
+            .clone()
+            .map_or_else(|| self.user(), |d| &self.text[d])
     }
 }
 
@@ -164,16 +174,16 @@ pub fn split_startup(buf: &mut BytesMut) -> Result<Option<StartupPacket>, Protoc
     if buf.len() < len {
         return Ok(None);
     }
-    let mut pkt = buf.split_to(len);
-    pkt.advance(4);
-    let code = pkt.get_i32();
-    match code {
-        SSL_REQUEST_CODE if len == 8 => Ok(Some(StartupPacket::SslRequest)),
-        GSSENC_REQUEST_CODE if len == 8 => Ok(Some(StartupPacket::GssEncRequest)),
+    let code = i32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]);
+    let packet = match code {
+        SSL_REQUEST_CODE if len == 8 => Ok(StartupPacket::SslRequest),
+        GSSENC_REQUEST_CODE if len == 8 => Ok(StartupPacket::GssEncRequest),
         CANCEL_REQUEST_CODE if len == 16 => {
-            let pid = pkt.get_i32();
-            let secret = pkt.get_i32();
-            Ok(Some(StartupPacket::Cancel { pid, secret }))
+            let mut key = &buf[8..16];
+            Ok(StartupPacket::Cancel {
+                pid: key.get_i32(),
+                secret: key.get_i32(),
+            })
         }
         SSL_REQUEST_CODE | GSSENC_REQUEST_CODE | CANCEL_REQUEST_CODE => {
             Err(ProtocolError::Malformed { what: "startup" })
@@ -183,9 +193,17 @@ pub fn split_startup(buf: &mut BytesMut) -> Result<Option<StartupPacket>, Protoc
             if major != 3 {
                 return Err(ProtocolError::UnsupportedVersion { major, minor });
             }
-            parse_params(&pkt).map(|p| Some(StartupPacket::Startup(p)))
+            parse_params(&buf[8..len]).map(StartupPacket::Startup)
         }
-    }
+    };
+    buf.advance(len);
+    packet.map(Some)
+}
+
+/// Where the first NUL is. Keys and values are a few bytes long: a plain
+/// loop beats a vectorised search's setup on them.
+fn nul(bytes: &[u8]) -> Option<usize> {
+    bytes.iter().position(|&b| b == 0)
 }
 
 fn parse_params(body: &[u8]) -> Result<StartupParams, ProtocolError> {
@@ -195,10 +213,10 @@ fn parse_params(body: &[u8]) -> Result<StartupParams, ProtocolError> {
     let text = std::str::from_utf8(body).map_err(|_| bad())?;
     let nul_from = |from: usize| {
         let rest = body.get(from..).unwrap_or_default();
-        memchr::memchr(0, rest).map(|i| from + i).ok_or_else(bad)
+        nul(rest).map(|i| from + i).ok_or_else(bad)
     };
-    let mut spans = Vec::with_capacity(4);
     let mut pos = 0;
+    let (mut user, mut database) = (None, None);
     loop {
         let key_end = nul_from(pos)?;
         if key_end == pos {
@@ -209,17 +227,19 @@ fn parse_params(body: &[u8]) -> Result<StartupParams, ProtocolError> {
             break;
         }
         let value_end = nul_from(key_end + 1)?;
-        spans.push((pos..key_end, key_end + 1..value_end));
+        match &text[pos..key_end] {
+            "user" => user = Some(key_end + 1..value_end),
+            "database" => database = Some(key_end + 1..value_end),
+            _ => {}
+        }
         pos = value_end + 1;
     }
-    let params = StartupParams {
-        text: text.to_owned(),
-        spans,
-    };
-    if params.get("user").is_none() {
-        return Err(bad());
-    }
-    Ok(params)
+    Ok(StartupParams {
+        // Without the terminating empty key's NUL.
+        text: text[..pos].to_owned(),
+        user: user.ok_or_else(bad)?,
+        database,
+    })
 }
 
 /// Runs every parser over `data` as if it came from the network; used by
@@ -318,8 +338,8 @@ mod tests {
         let Some(StartupPacket::Startup(p)) = split_startup(&mut whole).unwrap() else {
             panic!("not a startup")
         };
-        assert_eq!(p.user(), Some("alice"));
-        assert_eq!(p.database(), Some("alice"));
+        assert_eq!(p.user(), "alice");
+        assert_eq!(p.database(), "alice");
         assert_eq!(p.get("application_name"), Some("x"));
     }
 
@@ -334,7 +354,16 @@ mod tests {
             pairs,
             [("database", "db"), ("user", "bob"), ("options", "")]
         );
-        assert_eq!(p.database(), Some("db"));
+        assert_eq!(p.database(), "db");
+        // A key sent twice: the last value counts, as in Postgres.
+        let mut twice = startup_bytes(
+            PROTOCOL_V3,
+            b"user\0a\0database\0x\0user\0b\0database\0y\0\0",
+        );
+        let Some(StartupPacket::Startup(p)) = split_startup(&mut twice).unwrap() else {
+            panic!("not a startup")
+        };
+        assert_eq!((p.user(), p.database()), ("b", "y"));
         for body in [
             &b"user\0bob\0"[..], // no terminator
             b"user\0bob\0\0x",   // bytes after it

@@ -26,14 +26,15 @@ use crate::Shared;
 /// What the first bytes of a TCP connection asked for.
 enum Negotiated {
     Plain(tokio::net::TcpStream, BytesMut),
-    Tls(Box<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>),
+    /// SSLRequest, answered `S`: the TLS handshake comes next.
+    Tls(tokio::net::TcpStream, Arc<crate::tls::Tls>),
     Done,
 }
 
-/// Reads the first 8 bytes: an SSLRequest gets `S` and a TLS handshake
-/// (with a certificate) or `N`; anything else is the start of a startup
-/// packet, kept for the handshake. Bounded, with the rest of the login, by
-/// the startup deadline on the session's bell.
+/// Reads the first 8 bytes: an SSLRequest gets `S` (with a certificate;
+/// the TLS handshake is the caller's) or `N`; anything else is the start
+/// of a startup packet, kept for the handshake. Bounded, with the rest of
+/// the login, by the startup deadline on the session's bell.
 async fn negotiate(shared: &Shared, mut stream: tokio::net::TcpStream) -> Negotiated {
     let mut buf = BytesMut::with_capacity(256);
     while buf.len() < 8 {
@@ -48,27 +49,34 @@ async fn negotiate(shared: &Shared, mut stream: tokio::net::TcpStream) -> Negoti
         return Negotiated::Plain(stream, buf);
     }
     buf.clear();
-    let Some(acceptor) = shared.tls.load_full() else {
-        return match stream.write_all(b"N").await {
-            Ok(()) => Negotiated::Plain(stream, buf),
-            Err(_) => Negotiated::Done,
-        };
-    };
-    if stream.write_all(b"S").await.is_err() {
+    let tls = shared.tls.load_full();
+    let answer: &[u8] = if tls.is_some() { b"S" } else { b"N" };
+    if stream.write_all(answer).await.is_err() {
         return Negotiated::Done;
     }
+    match tls {
+        Some(acceptor) => Negotiated::Tls(stream, acceptor),
+        None => Negotiated::Plain(stream, buf),
+    }
+}
+
+/// The TLS handshake after `S`.
+async fn accept_tls(
+    stream: tokio::net::TcpStream,
+    acceptor: Arc<crate::tls::Tls>,
+) -> Option<Box<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>> {
     match acceptor.0.accept(stream).await {
-        Ok(tls) => Negotiated::Tls(Box::new(tls)),
+        Ok(tls) => Some(Box::new(tls)),
         Err(e) => {
             tracing::info!(error = %e, "TLS handshake failed");
-            Negotiated::Done
+            None
         }
     }
 }
 
 /// Serves one TCP client: negotiates TLS if it asks and the proxy has a
-/// certificate, then serves it to the end. The negotiation and the TLS
-/// session are boxed: plain idle clients must not pay for their size.
+/// certificate, then serves it to the end. The TLS handshake and session
+/// are boxed: plain clients must not pay for their size.
 /// Ends when the proxy stops, wherever the session is, and when the client
 /// has not logged in within `startup_timeout` (from the moment it was
 /// accepted: negotiation, TLS and authentication together).
@@ -91,9 +99,15 @@ async fn serve_client(
     route: Route,
     bell: Arc<Doorbell>,
 ) {
-    match Box::pin(negotiate(&shared, stream)).await {
+    match negotiate(&shared, stream).await {
         Negotiated::Plain(stream, buf) => serve(shared, stream, route, buf, bell).await,
-        Negotiated::Tls(tls) => Box::pin(serve(shared, *tls, route, BytesMut::new(), bell)).await,
+        Negotiated::Tls(stream, acceptor) => {
+            // Boxed, so the plain path's state does not hold a TLS stream.
+            let tls = Box::pin(accept_tls(stream, acceptor)).await;
+            if let Some(tls) = tls {
+                Box::pin(serve(shared, *tls, route, BytesMut::new(), bell)).await;
+            }
+        }
         Negotiated::Done => {}
     }
 }
@@ -111,14 +125,12 @@ pub async fn serve<C>(
 {
     let guard = shared.client_enter();
     let over = guard.over_limit;
-    // Boxed: the handshake's state is large and short-lived; it must not
-    // inflate every idle client's task.
-    let hs = Box::pin(handshake(shared, client, route, over, buf, bell.clone()));
+    // Not boxed: its rare paths are (TLS, cancel, auth_query, password
+    // exchanges), and what remains shares the task's memory with the
+    // session's loop, which runs after it (`a_client_task_stays_small`).
     // The startup deadline (see `serve_tcp`) ends here, unless it passed
     // while the greeting went out.
-    // (Awaited in its own statement: the finished handshake's box is freed
-    // before the session runs, not held beside it for the client's life.)
-    let session = hs.await;
+    let session = handshake(shared, client, route, over, buf, bell.clone()).await;
     if let Some(mut session) = session.filter(|_| bell.started()) {
         session.run().await;
     }
@@ -153,7 +165,8 @@ where
                 }
             }
             Some(StartupPacket::Cancel { pid, secret }) => {
-                shared.cancels.cancel((pid, secret)).await;
+                // Boxed: rare, and its state must not sit in every handshake.
+                Box::pin(shared.cancels.cancel((pid, secret))).await;
                 return Ok(Startup::Done);
             }
             Some(StartupPacket::Startup(p)) => return Ok(Startup::Params(p)),
@@ -214,7 +227,7 @@ async fn client_login<C: ClientIo>(
     let users = shared.users.load_full();
     let mut secret = users.as_deref().and_then(|u| u.get(user)).cloned();
     if secret.is_none() && shared.cfg().auth_query.is_some() && method != AuthMethod::Trust {
-        secret = match auth::query::lookup(shared, user).await {
+        secret = match Box::pin(auth::query::lookup(shared, user)).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(user, error = %e, "auth_query failed");
@@ -223,7 +236,22 @@ async fn client_login<C: ClientIo>(
         };
     }
     let known_only = users.is_some();
-    let outcome = auth::authenticate(client, buf, method, secret.as_ref(), known_only, user).await;
+    // Trust needs no exchange; the others' state is boxed, so that it does
+    // not sit in every client's handshake.
+    let outcome = match method {
+        AuthMethod::Trust => auth::trust(secret.as_ref(), known_only, user),
+        _ => {
+            Box::pin(auth::authenticate(
+                client,
+                buf,
+                method,
+                secret.as_ref(),
+                known_only,
+                user,
+            ))
+            .await
+        }
+    };
     let client_key = match outcome {
         Ok(k) => k,
         Err(e) => {
@@ -272,8 +300,8 @@ where
         fatal(&mut client, "53300", "sorry, too many clients already").await;
         return None;
     }
-    let user = params.user()?.to_owned();
-    let database = params.database().unwrap_or(&user).to_owned();
+    let user = params.user().to_owned();
+    let database = params.database().to_owned();
     let (password, scram_keys) = client_login(&shared, &mut client, &mut buf, &user).await?;
     let cancel = shared.cancels.register();
     let key = cancel.key;
