@@ -245,10 +245,13 @@ impl Pool {
             &self.connect,
         ))
         .await?;
-        self.share_params(&mut conn);
+        // A server in the wrong role (a replica named leader before its
+        // promotion ends) says nothing about this pool's clients: its
+        // in_hot_standby = on would turn libpq's read-write clients away.
         if need_primary && conn.in_recovery {
             return Err(PoolError::WrongRole(self.backend.name.clone()));
         }
+        self.share_params(&mut conn);
         Ok(self.hand_out(conn, slot))
     }
 

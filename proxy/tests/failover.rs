@@ -283,6 +283,31 @@ fn without_a_leader_writes_wait_their_bound_then_fail_and_never_go_to_a_replica(
 }
 
 #[test]
+fn a_replica_named_leader_before_its_promotion_never_tells_clients_it_is_read_only() {
+    let c = Cluster::start("px-early-key");
+    let mut cfg = c.config(PoolMode::Transaction);
+    cfg.leader_wait_timeout = Duration::from_millis(500);
+    let p = Running::start(cfg);
+    let shared = p.handle().shared.clone();
+    // The key moves to pg2 before pg2 is promoted (an agent's failover
+    // takes the key first): logins on the read-write port meet a server
+    // still in recovery, which they must not take for the pool's truth.
+    c.put(&c.keys.leader(), b"pg2".to_vec());
+    leader_is(&shared, "pg2");
+    let rw = p.rw();
+    let target_rw = [("PGTARGETSESSIONATTRS", "read-write")];
+    for _ in 0..2 {
+        let e = common::psql(rw, "select 1", &target_rw).unwrap_err();
+        assert!(!e.contains("read-only"), "told a replica's parameters: {e}");
+    }
+    assert_eq!(c.pg2.psql("select pg_promote()").unwrap(), "t");
+    // Now pg2 is the primary: a libpq client that insists on read-write
+    // gets in (it checks in_hot_standby in the login's ParameterStatus).
+    let got = common::psql(rw, "select pg_is_in_recovery()", &target_rw);
+    assert_eq!(got.as_deref(), Ok("f"), "{got:?}");
+}
+
+#[test]
 fn the_watch_resyncs_after_etcd_restarts() {
     let mut c = Cluster::start("px-resync");
     let p = Running::start(c.config(PoolMode::Transaction));
