@@ -149,6 +149,30 @@ fn copy_in_out_and_copy_fail_work_and_release_the_server() {
 }
 
 #[test]
+fn copy_data_sent_after_the_server_ended_the_copy_takes_no_server() {
+    let (_sb, pg, p) = one_server("px-copy-err");
+    pg.psql("create table ce(x int)").unwrap();
+    let mut a = Raw::connect(p.rw());
+    a.send_with(|b| msg::put_query(b, "copy ce from stdin"));
+    assert_eq!(a.recv().0, b'G');
+    // A bad row: the server ends the COPY with an error at once.
+    a.send_with(|b| msg::put_copy_data(b, b"not a number\n"));
+    let (tags, status) = a.until_ready();
+    assert_eq!((tags, status), (vec![b'E', b'Z'], b'I'));
+    // The client was still streaming: the rest of its rows and CopyDone
+    // arrive after the server let the COPY go. Nothing answers them.
+    a.send_with(|b| {
+        msg::put_copy_data(b, b"2\n3\n");
+        msg::put_empty(b, b'c');
+    });
+    // The pool's only server is free for another client (checkout
+    // timeout 300 ms), not held for the stale messages.
+    let mut b = Raw::connect(p.rw());
+    assert_eq!(b.query("select count(*) from ce"), vec!["0"]);
+    assert_eq!(a.query("select 1"), vec!["1"]);
+}
+
+#[test]
 fn a_client_that_vanishes_mid_transaction_never_hands_over_a_dirty_server() {
     let (_sb, pg, p) = one_server("px-vanish");
     pg.psql("create table v(x int)").unwrap();

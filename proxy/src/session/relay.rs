@@ -56,6 +56,14 @@ impl<C: ClientIo> Session<C> {
             }
             if self.server.is_none() {
                 put_held(&mut self.out_server, &mut self.cbuf, &mut held);
+                // COPY messages after the server ended the COPY (an error,
+                // then ReadyForQuery) while the client kept streaming: a
+                // server drops them, so the proxy does too, instead of
+                // taking a server for messages nothing will answer.
+                if matches!(tag, b'd' | b'c' | b'f') {
+                    self.cbuf.advance(len);
+                    continue;
+                }
                 let attached = match self.owed.take() {
                     Some(e) => Err(e),
                     None => self.attach().await,
