@@ -266,6 +266,23 @@ impl Pool {
         }
     }
 
+    /// A server changed a parameter only it sets (`in_hot_standby`, at a
+    /// promotion): the connection and the pool's copy for new clients
+    /// follow, so logins keep telling the truth. Parameters clients can
+    /// SET stay the session's own.
+    pub fn server_reported(&self, params: &mut Params, key: &str, value: &str) {
+        let list = &params.list;
+        if !list.iter().any(|(k, v)| k == key && v != value) {
+            return;
+        }
+        let list = list
+            .iter()
+            .map(|(k, v)| (k.clone(), if k == key { value } else { v }.to_owned()))
+            .collect();
+        *params = Arc::new(crate::server::ParamSet::new(list));
+        *lock(&self.params) = Some(params.clone());
+    }
+
     /// Takes a connection back (see [`Checkout::checkin`]). It keeps its
     /// slot unless a client waits for one.
     fn take_back(&self, mut conn: Box<ServerConn>, slot: OwnedSemaphorePermit, clean: bool) {

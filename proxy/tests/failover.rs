@@ -308,6 +308,32 @@ fn a_replica_named_leader_before_its_promotion_never_tells_clients_it_is_read_on
 }
 
 #[test]
+fn a_replica_promoted_under_its_pool_is_no_longer_called_a_standby_at_login() {
+    let c = Cluster::start("px-promoted-params");
+    let mut cfg = c.config(PoolMode::Transaction);
+    cfg.pool_size = 1;
+    let p = Running::start(cfg);
+    let hot = |params: &[(String, String)]| {
+        params
+            .iter()
+            .find(|(k, _)| k == "in_hot_standby")
+            .map(|(_, v)| v.clone())
+    };
+    let (mut a, told) = Raw::connect_with_params(p.ro());
+    assert_eq!(hot(&told).as_deref(), Some("on"));
+    assert_eq!(a.query("select pg_is_in_recovery()"), vec!["t"]);
+    // pg2 is promoted while its pooled connection waits idle (the keys
+    // still call it a replica, so reads keep going there).
+    assert_eq!(c.pg2.psql("select pg_promote()").unwrap(), "t");
+    assert_eq!(a.query("select pg_is_in_recovery()"), vec!["f"]);
+    // A new client is told what the server now says, not the value
+    // remembered from before the promotion.
+    let (mut b, told) = Raw::connect_with_params(p.ro());
+    assert_eq!(hot(&told).as_deref(), Some("off"));
+    assert_eq!(b.query("select pg_is_in_recovery()"), vec!["f"]);
+}
+
+#[test]
 fn the_watch_resyncs_after_etcd_restarts() {
     let mut c = Cluster::start("px-resync");
     let p = Running::start(c.config(PoolMode::Transaction));

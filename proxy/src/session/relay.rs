@@ -142,6 +142,9 @@ impl<C: ClientIo> Session<C> {
                         if step.forward {
                             self.vars.set(k, v);
                         }
+                        if k == "in_hot_standby" {
+                            co.pool.server_reported(&mut conn.params, k, v);
+                        }
                     }
                 }
                 tracing::trace!(route = self.route.label(), tag = %(frame[0] as char), forward = step.forward, fakes = ?step.fakes, "server frame");
