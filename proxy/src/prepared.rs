@@ -23,19 +23,56 @@ pub struct Statement {
     pub body: Bytes,
 }
 
-/// Proxy-wide interning of statements by content.
-#[derive(Debug, Default)]
+/// Statements the registry keeps before it forgets those no client holds.
+const KEPT_STATEMENTS: usize = 10_000;
+
+/// Proxy-wide interning of statements by content. Bounded: past its limit
+/// it forgets the statements no client holds any more (a client that
+/// prepares endless distinct texts must not grow the proxy for ever); a
+/// text seen again then gets a new server name, which is as correct.
+#[derive(Debug)]
 pub struct Registry {
-    by_body: Mutex<HashMap<Bytes, Arc<Statement>>>,
+    inner: Mutex<Interned>,
     next: AtomicU64,
 }
 
+#[derive(Debug)]
+struct Interned {
+    by_body: HashMap<Bytes, Arc<Statement>>,
+    /// The size that starts the next clean-up: twice what a clean-up
+    /// kept, so clients holding many statements cost one pass per
+    /// doubling, not one per Parse.
+    limit: usize,
+    floor: usize,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry::with_limit(KEPT_STATEMENTS)
+    }
+}
+
 impl Registry {
+    pub fn with_limit(limit: usize) -> Registry {
+        Registry {
+            inner: Mutex::new(Interned {
+                by_body: HashMap::new(),
+                limit,
+                floor: limit,
+            }),
+            next: AtomicU64::new(0),
+        }
+    }
+
     /// The statement with this Parse body, created on first sight.
     pub fn intern(&self, body: &[u8]) -> Arc<Statement> {
-        let mut map = crate::lock(&self.by_body);
-        if let Some(s) = map.get(body) {
+        let mut inner = crate::lock(&self.inner);
+        if let Some(s) = inner.by_body.get(body) {
             return s.clone();
+        }
+        if inner.by_body.len() >= inner.limit {
+            inner.by_body.retain(|_, s| Arc::strong_count(s) > 1);
+            inner.limit = inner.floor.max(2 * inner.by_body.len());
         }
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let body = Bytes::copy_from_slice(body);
@@ -43,8 +80,13 @@ impl Registry {
             server_name: format!("pgha_{n}"),
             body: body.clone(),
         });
-        map.insert(body, s.clone());
+        inner.by_body.insert(body, s.clone());
         s
+    }
+
+    /// Statements it holds now.
+    pub fn count(&self) -> usize {
+        crate::lock(&self.inner).by_body.len()
     }
 }
 
@@ -127,6 +169,28 @@ mod tests {
         let c = r.intern(b"select 2\0\0\0");
         assert_eq!(a.server_name, b.server_name);
         assert_ne!(a.server_name, c.server_name);
+    }
+
+    #[test]
+    fn the_registry_forgets_statements_no_client_holds_once_past_its_limit() {
+        let r = Registry::with_limit(4);
+        let held: Vec<_> = (0..3)
+            .map(|i| r.intern(format!("select {i}\0\0\0").as_bytes()))
+            .collect();
+        for i in 3..100 {
+            r.intern(format!("select {i}\0\0\0").as_bytes());
+            assert!(r.count() <= 6, "{} statements kept", r.count());
+        }
+        // Those a client holds keep their server name.
+        for (i, h) in held.iter().enumerate() {
+            let again = r.intern(format!("select {i}\0\0\0").as_bytes());
+            assert_eq!(again.server_name, h.server_name);
+        }
+        // Held statements past the limit make it grow, not loop.
+        let many: Vec<_> = (0..50)
+            .map(|i| r.intern(format!("held {i}\0\0\0").as_bytes()))
+            .collect();
+        assert!(r.count() >= many.len());
     }
 
     #[test]
