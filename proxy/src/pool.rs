@@ -417,12 +417,7 @@ impl Pools {
             }
         }
         let cfg = self.cfg.load_full();
-        let connect = ConnectOpts {
-            timeout: cfg.server_connect_timeout,
-            cache_size: cfg.prepared_cache_size,
-            tls: self.server_tls.load_full(),
-            sockets: self.sockets.clone(),
-        };
+        let connect = self.opts(&cfg, cfg.prepared_cache_size);
         let p = Arc::new(Pool::new(
             backend.clone(),
             route,
@@ -446,9 +441,15 @@ impl Pools {
 
     /// How the proxy's own connections (auth_query) are made.
     pub fn connect_opts(&self) -> ConnectOpts {
+        self.opts(&self.cfg.load(), 1)
+    }
+
+    /// How connections are made under `cfg`, keeping `cache_size`
+    /// prepared statements.
+    fn opts(&self, cfg: &Config, cache_size: usize) -> ConnectOpts {
         ConnectOpts {
-            timeout: self.cfg.load().server_connect_timeout,
-            cache_size: 1,
+            timeout: cfg.server_connect_timeout,
+            cache_size,
             tls: self.server_tls.load_full(),
             sockets: self.sockets.clone(),
         }
