@@ -18,7 +18,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use atomic_waker::AtomicWaker;
@@ -102,11 +102,20 @@ impl Doorbell {
     }
 
     /// Ready once the bell was rung since the last time it was ready.
-    pub fn poll_rung(&self, cx: &mut Context<'_>) -> Poll<()> {
+    /// `registered` is the caller's note of the waker it left here: the
+    /// same task waiting again (twice per transaction) registers nothing,
+    /// since only a ring takes the waker out, and a ring is seen here.
+    #[inline]
+    pub fn poll_rung(&self, cx: &mut Context<'_>, registered: &mut Option<Waker>) -> Poll<()> {
         // Register first: a ring after the check still wakes us.
-        self.waker.register(cx.waker());
+        if !registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            self.waker.register(cx.waker());
+            *registered = Some(cx.waker().clone());
+        }
         self.armed.store(true, Ordering::Relaxed);
         if self.rung.load(Ordering::Acquire) && self.rung.swap(false, Ordering::AcqRel) {
+            // The ring took the waker.
+            *registered = None;
             Poll::Ready(())
         } else {
             Poll::Pending
@@ -256,7 +265,8 @@ mod tests {
 
     /// Resolves once the bell was rung, as the message loop sees it.
     fn rung(bell: &Doorbell) -> impl Future<Output = ()> + '_ {
-        std::future::poll_fn(move |cx| bell.poll_rung(cx))
+        let mut registered = None;
+        std::future::poll_fn(move |cx| bell.poll_rung(cx, &mut registered))
     }
 
     #[tokio::test]

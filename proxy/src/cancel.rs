@@ -7,6 +7,7 @@
 //! still waits for a server wakes that wait. May call: `server` (to send the
 //! cancel), tokio sync.
 
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rand::Rng;
@@ -19,27 +20,59 @@ use crate::router::Backend;
 /// The backend and its BackendKeyData.
 type Target = (Arc<Backend>, (i32, i32));
 
-/// What one client's cancel key points at.
+/// What one client's cancel key points at. Attaching and detaching, twice
+/// per transaction, are an atomic store each: the backend, which changes
+/// only when the client moves to another one, is kept apart from the key.
 #[derive(Debug, Default)]
 pub struct CancelSlot {
-    target: Mutex<Option<Target>>,
+    /// The attached server's BackendKeyData (see [`pack`]); 0: none.
+    key: AtomicU64,
+    /// The backend of the last server attached.
+    backend: Mutex<Option<Arc<Backend>>>,
+    /// Where `backend`'s `Backend` lives, so attaching to the same one
+    /// again takes no lock. Written by the session only, under the lock;
+    /// the Arc held in `backend` keeps the address from being reused.
+    backend_at: AtomicUsize,
     /// Signalled when a cancel arrives while no server is attached.
     pub waiting: Notify,
+}
+
+/// A key as one word: the process id high, the secret low. Never 0 for a
+/// key PostgreSQL hands out (process ids are positive).
+fn pack((pid, secret): (i32, i32)) -> u64 {
+    (u64::from(pid as u32) << 32) | u64::from(secret as u32)
+}
+
+fn unpack(k: u64) -> (i32, i32) {
+    ((k >> 32) as u32 as i32, k as u32 as i32)
 }
 
 impl CancelSlot {
     /// The client now runs on this server connection.
     pub fn attach(&self, backend: &Arc<Backend>, key: (i32, i32)) {
-        *lock(&self.target) = Some((backend.clone(), key));
+        let at = Arc::as_ptr(backend) as usize;
+        if self.backend_at.load(Ordering::Relaxed) != at {
+            *lock(&self.backend) = Some(backend.clone());
+            self.backend_at.store(at, Ordering::Relaxed);
+        }
+        self.key.store(pack(key), Ordering::Release);
     }
 
     /// The client released its server connection.
     pub fn detach(&self) {
-        *lock(&self.target) = None;
+        self.key.store(0, Ordering::Release);
     }
 
+    /// The server running the client's query now. `None` also when the
+    /// key changed while the backend was read: that query is over, and
+    /// a cancel now would be late.
     fn target(&self) -> Option<Target> {
-        lock(&self.target).clone()
+        let key = self.key.load(Ordering::Acquire);
+        if key == 0 {
+            return None;
+        }
+        let backend = lock(&self.backend).clone()?;
+        (self.key.load(Ordering::Acquire) == key).then(|| (backend, unpack(key)))
     }
 }
 

@@ -2,9 +2,10 @@
 //! server bytes, a routing change, a drain request), hands it to the
 //! session's handlers, and decides when the session ends.
 //!
-//! Idle clients wait without holding a read buffer: their first read lands
-//! on the stack, and a buffer is taken only for bytes to keep. May
-//! call: the session's handlers, tokio I/O.
+//! Idle clients wait without holding a read buffer (but for a few busy
+//! ones, see `buffers::Keep`): their first read lands on the stack, and a
+//! buffer is taken only for bytes to keep. May call: the session's
+//! handlers, tokio I/O.
 
 use std::sync::Arc;
 
@@ -15,7 +16,7 @@ use std::task::Poll;
 use tokio::io::ReadBuf;
 use tokio_util::io::poll_read_buf;
 
-use super::buffers::{make_room, park_buffer, unpark_buffer};
+use super::buffers::{self, make_room, unpark_buffer};
 use super::{ClientError, ClientIo, Flow, Session, SessionError};
 use crate::bell::Doorbell;
 use crate::metrics::ErrorKind;
@@ -25,10 +26,12 @@ use crate::protocol::messages as msg;
 /// request, so most transactions start with one read.
 const FIRST_READ: usize = 1024;
 
-/// What woke the session.
+/// What woke the session. Bytes read; 0: the peer closed or the read
+/// failed, which end alike (and an `io::Error` kept here would cost a drop
+/// check per event).
 enum Ev {
-    Client(std::io::Result<usize>),
-    Server(std::io::Result<usize>),
+    Client(usize),
+    Server(usize),
     /// The routing table changed or the proxy drains.
     Bell,
 }
@@ -37,6 +40,8 @@ enum Ev {
 #[derive(Default)]
 struct LoopState {
     drain_noted: bool,
+    /// The waker this session left at its bell (see `Doorbell::poll_rung`).
+    bell_waker: Option<std::task::Waker>,
 }
 
 fn server_lost() -> ClientError {
@@ -50,12 +55,17 @@ impl<C: ClientIo> Session<C> {
     /// Waits for the next event. Polls the sockets directly, in a fixed
     /// order (server replies first, so a server is never left blocked on a
     /// full socket), with no per-turn futures to build.
-    async fn next_event(&mut self, bell: &Doorbell) -> Ev {
+    async fn next_event(
+        &mut self,
+        bell: &Doorbell,
+        bell_waker: &mut Option<std::task::Waker>,
+    ) -> Ev {
         let Session {
             client,
             cbuf,
             server,
             awaits_server,
+            keep,
             ..
         } = self;
         // While the server owes a synced reply, the client is read after
@@ -63,10 +73,9 @@ impl<C: ClientIo> Session<C> {
         // pipelines is read as soon as the first reply arrives.
         let read_client = !(*awaits_server && server.is_some());
         let idle = server.is_none() && cbuf.is_empty();
-        if idle && cbuf.capacity() > 0 {
-            park_buffer(cbuf);
-        }
-        if !idle {
+        if idle {
+            buffers::idle(cbuf, keep);
+        } else {
             make_room(cbuf);
         }
         if let Some(co) = server.as_mut() {
@@ -76,7 +85,7 @@ impl<C: ClientIo> Session<C> {
             if let Some(co) = server.as_mut() {
                 let stream = Pin::new(&mut co.conn.stream);
                 if let Poll::Ready(r) = poll_read_buf(stream, cx, &mut co.conn.rbuf) {
-                    return Poll::Ready(Ev::Server(r));
+                    return Poll::Ready(Ev::Server(r.unwrap_or(0)));
                 }
             }
             if !read_client {
@@ -92,12 +101,12 @@ impl<C: ClientIo> Session<C> {
                         unpark_buffer(cbuf);
                         cbuf.extend_from_slice(rb.filled());
                     }
-                    return Poll::Ready(Ev::Client(r.map(|()| n)));
+                    return Poll::Ready(Ev::Client(if r.is_ok() { n } else { 0 }));
                 }
             } else if let Poll::Ready(r) = poll_read_buf(Pin::new(&mut *client), cx, cbuf) {
-                return Poll::Ready(Ev::Client(r));
+                return Poll::Ready(Ev::Client(r.unwrap_or(0)));
             }
-            bell.poll_rung(cx).map(|()| Ev::Bell)
+            bell.poll_rung(cx, bell_waker).map(|()| Ev::Bell)
         })
         .await
     }
@@ -105,13 +114,13 @@ impl<C: ClientIo> Session<C> {
     /// Handles one event.
     async fn handle(&mut self, ev: Ev, st: &mut LoopState) -> Result<Flow, SessionError> {
         match ev {
-            Ev::Client(Ok(0)) | Ev::Client(Err(_)) => Ok(Flow::Quit),
-            Ev::Client(Ok(n)) => {
+            Ev::Client(0) => Ok(Flow::Quit),
+            Ev::Client(n) => {
                 self.shared.metrics.bytes_in.increment(n as u64);
                 self.on_client_data().await
             }
-            Ev::Server(Ok(n)) if n > 0 => self.on_server_data().await.map(|_| Flow::Continue),
-            Ev::Server(_) => Ok(self.lose_server(server_lost())),
+            Ev::Server(0) => Ok(self.lose_server(server_lost())),
+            Ev::Server(_) => self.on_server_data().await.map(|_| Flow::Continue),
             Ev::Bell => {
                 st.drain_noted = self.shared.draining.is_cancelled();
                 self.cfg = self.shared.cfg();
@@ -161,9 +170,10 @@ impl<C: ClientIo> Session<C> {
         let bell: Arc<Doorbell> = self.bell.clone();
         let mut st = LoopState {
             drain_noted: self.shared.draining.is_cancelled(),
+            bell_waker: None,
         };
         loop {
-            let ev = self.next_event(&bell).await;
+            let ev = self.next_event(&bell, &mut st.bell_waker).await;
             let r = self.handle(ev, &mut st).await;
             let Some(flow) = self.recover(r) else { break };
             let flushed = match self.flush_now() {

@@ -99,6 +99,8 @@ struct Session<C> {
     /// Rung on routing changes and drain.
     bell: Arc<Doorbell>,
     cbuf: BytesMut,
+    /// Whether `cbuf` stays while the client is idle.
+    keep: buffers::Keep,
     out_server: BytesMut,
     out_client: BytesMut,
     server: Option<Checkout>,

@@ -321,6 +321,7 @@ where
         bell,
         // Buffers grow on first use; an idle client holds none.
         cbuf: if buf.is_empty() { BytesMut::new() } else { buf },
+        keep: Default::default(),
         out_server: BytesMut::new(),
         // Room for the whole greeting at once (AuthenticationOk, about a
         // dozen ParameterStatus, BackendKeyData, ReadyForQuery: ~450
