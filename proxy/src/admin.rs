@@ -21,6 +21,11 @@ use crate::Shared;
 
 #[derive(Serialize)]
 struct PoolStatus {
+    database: String,
+    user: String,
+    /// The clients' startup `options`, when they gave any.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    options: String,
     backend: String,
     route: &'static str,
     idle: usize,
@@ -44,7 +49,11 @@ fn status_json(shared: &Shared) -> String {
         .iter()
         .map(|p| {
             let (idle, active) = p.counts();
+            let login = p.login();
             PoolStatus {
+                database: login.database.clone(),
+                user: login.user.clone(),
+                options: login.options.clone(),
                 backend: p.backend.id(),
                 route: p.route.label(),
                 idle,

@@ -38,6 +38,13 @@ pub struct Doorbell {
     waker: AtomicWaker,
     /// [`RUNNING`], [`STARTING`] or [`EXPIRED`].
     startup: AtomicU8,
+    /// Sweeper tick + 1 at which the session began waiting for a server's
+    /// reply without watching its client; 0: it is not (see
+    /// [`Doorbell::awaiting_reply`]).
+    awaiting: AtomicU64,
+    /// Set by the sweeper when that wait is long: the session watches its
+    /// client too, so a client that vanishes during a long query is seen.
+    watch: AtomicBool,
 }
 
 /// Not bound by a startup deadline (logged in, or never registered with one).
@@ -65,6 +72,28 @@ impl Doorbell {
 
     pub fn is_stopped(&self) -> bool {
         self.stopped.load(Ordering::Acquire)
+    }
+
+    /// The session waits for a reply and, to save a readiness registration
+    /// per request, does not read its client meanwhile. If the wait
+    /// outlasts a sweeper tick, the sweeper rings with [`Self::watching`]
+    /// set. `tick`: [`Bells::tick`] now.
+    pub fn awaiting_reply(&self, tick: u64) {
+        self.awaiting.store(tick + 1, Ordering::Relaxed);
+    }
+
+    /// The reply came: the client is read again as usual.
+    pub fn reply_came(&self) {
+        self.awaiting.store(0, Ordering::Relaxed);
+        if self.watch.load(Ordering::Relaxed) {
+            self.watch.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the session should read its client while it waits for a
+    /// slow reply.
+    pub fn watching(&self) -> bool {
+        self.watch.load(Ordering::Relaxed)
     }
 
     /// The login finished: the startup deadline no longer applies. False
@@ -220,10 +249,33 @@ impl Bells {
         r
     }
 
+    /// Sweeper ticks so far.
+    pub fn tick(&self) -> u64 {
+        self.tick.load(Ordering::Relaxed)
+    }
+
     /// One sweeper tick: stops the sessions still logging in past their
-    /// deadline and forgets the ones that finished. Returns how many were
+    /// deadline and forgets the ones that finished, and rings the sessions
+    /// waiting for a reply since before the last tick so they watch their
+    /// clients (see [`Doorbell::awaiting_reply`]). Returns how many were
     /// stopped.
     pub fn sweep(&self) -> usize {
+        let expired = self.expire_startups();
+        let now = self.tick.load(Ordering::Acquire);
+        for bell in lock(&self.bells).values() {
+            let since = bell.awaiting.load(Ordering::Relaxed);
+            // `since` is the starting tick + 1: waiting since before the
+            // previous tick, so for one to two ticks.
+            if since != 0 && since < now {
+                bell.awaiting.store(0, Ordering::Relaxed);
+                bell.watch.store(true, Ordering::Relaxed);
+                bell.ring();
+            }
+        }
+        expired
+    }
+
+    fn expire_startups(&self) -> usize {
         let now = self.tick.fetch_add(1, Ordering::AcqRel) + 1;
         let mut expired = 0;
         let mut q = lock(&self.starting);
@@ -267,6 +319,23 @@ mod tests {
     fn rung(bell: &Doorbell) -> impl Future<Output = ()> + '_ {
         let mut registered = None;
         std::future::poll_fn(move |cx| bell.poll_rung(cx, &mut registered))
+    }
+
+    #[test]
+    fn a_reply_awaited_past_a_whole_tick_rings_the_session_to_watch_its_client() {
+        let bells = Arc::new(Bells::default());
+        let r = bells.register();
+        r.bell.awaiting_reply(bells.tick());
+        bells.sweep();
+        assert!(!r.bell.watching(), "not yet a whole tick");
+        bells.sweep();
+        assert!(r.bell.watching(), "waiting since before the last tick");
+        assert!(r.bell.rung.load(Ordering::Acquire), "and woken to see it");
+        r.bell.reply_came();
+        assert!(!r.bell.watching());
+        bells.sweep();
+        bells.sweep();
+        assert!(!r.bell.watching(), "no reply awaited: no ring");
     }
 
     #[tokio::test]

@@ -156,6 +156,9 @@ pub struct Metrics {
     pub bytes_out: HotCounter,
     /// Hidden SETs sent to give a server a client's session settings.
     pub settings_synced: Counter,
+    /// Transaction-mode clients that kept their server for good (see
+    /// `session::relay::pins`).
+    pub pinned: Counter,
     errors: Vec<Counter>,
     clients: Gauge,
 }
@@ -176,8 +179,11 @@ impl Metrics {
     pub fn new() -> Metrics {
         let recorder = PrometheusBuilder::new().build_recorder();
         let handle = recorder.handle();
-        let settings_synced = metrics::with_local_recorder(&recorder, || {
-            metrics::counter!("pgha_proxy_session_settings_synced_total")
+        let (settings_synced, pinned) = metrics::with_local_recorder(&recorder, || {
+            (
+                metrics::counter!("pgha_proxy_session_settings_synced_total"),
+                metrics::counter!("pgha_proxy_clients_pinned_total"),
+            )
         });
         let (routing_changes, errors, clients) = metrics::with_local_recorder(&recorder, || {
             (
@@ -198,6 +204,7 @@ impl Metrics {
             bytes_in: HotCounter::default(),
             bytes_out: HotCounter::default(),
             settings_synced,
+            pinned,
             errors,
             clients,
         }

@@ -1,4 +1,5 @@
-//! Server connection pools, one per (database, user, backend).
+//! Server connection pools, one per (database, user, startup options,
+//! backend).
 //!
 //! A semaphore bounds the connections per pool (idle plus checked out), so a
 //! connection storm queues here instead of stampeding Postgres; a client
@@ -142,6 +143,12 @@ impl Pool {
     /// (idle, checked out) connection counts.
     pub fn counts(&self) -> (usize, usize) {
         (lock(&self.idle).len(), self.active.load(Ordering::Relaxed))
+    }
+
+    /// Whose connections these are (the password included: not for
+    /// display).
+    pub fn login(&self) -> &Login {
+        &self.login
     }
 
     /// Clients waiting for a connection now.
@@ -357,11 +364,11 @@ impl Pool {
     }
 }
 
-/// (database, user, backend, route): read-write pools hold only
-/// connections that confirmed `pg_is_in_recovery() = false`.
-type PoolKey = (String, String, Arc<Backend>, Route);
+/// (database, user, startup options, backend, route): read-write pools
+/// hold only connections that confirmed `pg_is_in_recovery() = false`.
+type PoolKey = (String, String, String, Arc<Backend>, Route);
 
-/// Every pool, by (database, user, backend, route).
+/// Every pool, by (database, user, startup options, backend, route).
 #[derive(Debug)]
 pub struct Pools {
     /// For pools made from now on; swapped by a reload.
@@ -393,6 +400,7 @@ impl Pools {
             let same = p.route == route
                 && p.login.user == login.user
                 && p.login.database == login.database
+                && p.login.options == login.options
                 && *p.backend == **backend;
             if same && !p.is_retired() {
                 return p.clone();
@@ -407,6 +415,7 @@ impl Pools {
         let key = (
             login.database.clone(),
             login.user.clone(),
+            login.options.clone(),
             backend.clone(),
             route,
         );
@@ -458,7 +467,7 @@ impl Pools {
     /// Retires every pool for which `stays(backend, route)` is false.
     pub fn retire_unless(&self, stays: impl Fn(&Backend, Route) -> bool) {
         let mut map = lock(&self.map);
-        map.retain(|(_, _, b, r), p| {
+        map.retain(|(_, _, _, b, r), p| {
             let stays = stays(b, *r);
             if !stays {
                 p.retire();

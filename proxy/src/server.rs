@@ -56,6 +56,19 @@ pub enum ServerError {
     Tls { backend: String, reason: String },
 }
 
+impl ServerError {
+    /// Whether waiting may help: the server is down, starting, stopping or
+    /// full. A refusal for the login itself (bad password, unknown
+    /// database, bad startup `options`) stays a refusal.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ServerError::Rejected(f) => ["08", "53", "57"].iter().any(|c| f.code.starts_with(c)),
+            ServerError::NoPassword | ServerError::Auth(_) => false,
+            _ => true,
+        }
+    }
+}
+
 impl From<ProtocolError> for ServerError {
     fn from(e: ProtocolError) -> Self {
         ServerError::Protocol(e.to_string())
@@ -95,6 +108,11 @@ pub type Params = Arc<ParamSet>;
 pub struct Login {
     pub user: String,
     pub database: String,
+    /// The client's startup `options` (command-line settings such as
+    /// `-c search_path=app`; empty: none), sent on every server connection
+    /// opened for it: clients with different options use different pools,
+    /// so the settings hold in every transaction.
+    pub options: String,
     pub password: Option<String>,
     /// (ClientKey, ServerKey) for SCRAM without the password: recovered
     /// from the client's own SCRAM login against an auth_query verifier.
@@ -332,14 +350,15 @@ impl ServerConn {
 
     async fn login(&mut self, login: &Login) -> Result<(), ServerError> {
         let mut out = BytesMut::new();
-        msg::put_startup(
-            &mut out,
-            &[
-                ("user", &login.user),
-                ("database", &login.database),
-                ("application_name", "pgha-proxy"),
-            ],
-        );
+        let mut params = vec![
+            ("user", login.user.as_str()),
+            ("database", login.database.as_str()),
+            ("application_name", "pgha-proxy"),
+        ];
+        if !login.options.is_empty() {
+            params.push(("options", login.options.as_str()));
+        }
+        msg::put_startup(&mut out, &params);
         self.stream.write_all(&out).await?;
         let mut scram: Option<ScramClient> = None;
         let mut params = Vec::new();

@@ -449,29 +449,15 @@ fn session_settings_follow_each_client_across_server_connections() {
     let default_tz = pg.psql("show timezone").unwrap();
     assert_ne!(default_tz, "Asia/Tokyo");
     let connect = |name: &str| {
-        let mut c = tokio_postgres::Config::new();
-        c.host("127.0.0.1")
-            .port(p.rw())
-            .user("postgres")
-            .dbname("postgres")
-            .application_name(name);
-        p.rt.block_on(async {
-            let (client, conn) = c.connect(tokio_postgres::NoTls).await.unwrap();
-            tokio::spawn(conn);
-            client
+        p.client_with(|c| {
+            c.application_name(name);
         })
+        .unwrap()
     };
     let (a, b) = (connect("app-a"), connect("app-b"));
     let one = |c: &tokio_postgres::Client, sql: &str| -> String {
-        let rows =
-            p.rt.block_on(c.simple_query(sql))
-                .unwrap_or_else(|e| panic!("{sql}: {e}"));
-        rows.iter()
-            .find_map(|m| match m {
-                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
-                _ => None,
-            })
-            .unwrap_or_default()
+        p.first_cell(c, sql)
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
     };
 
     one(&a, "set timezone = 'Asia/Tokyo'");
@@ -509,4 +495,80 @@ fn session_settings_follow_each_client_across_server_connections() {
         one(&a, "select 1");
     }
     assert_eq!(synced(), before, "no SET for a server that agrees");
+}
+
+/// A client's startup `options` (libpq's PGOPTIONS) hold in every
+/// transaction, whichever pooled server runs it: clients with other
+/// options, or none, use other pools and never see them. PgBouncer refuses
+/// such clients; dropping the options silently would run a client without
+/// the statement_timeout it asked for. A bad option is refused at once
+/// with the server's reason, not after the wait for a server that is down.
+#[test]
+fn startup_options_hold_in_every_transaction_and_bad_ones_are_refused_at_once() {
+    let (_sb, pg) = primary("px-options");
+    pg.psql("create schema s1; create table s1.t(x int); insert into s1.t values (42)")
+        .unwrap();
+    let mut cfg = config(&pg, PoolMode::Transaction);
+    cfg.pool_size = 1;
+    cfg.leader_wait_timeout = Duration::from_secs(30);
+    let p = Running::start(cfg);
+    let try_connect = |options: &str| {
+        p.client_with(|c| {
+            c.options(options);
+        })
+    };
+    let connect = |options: &str| try_connect(options).unwrap();
+    let one = |c: &tokio_postgres::Client, sql: &str| p.first_cell(c, sql);
+    let a = connect("-c search_path=s1 -c statement_timeout=300");
+    let b = connect("");
+    for round in 0..3 {
+        assert_eq!(one(&a, "show search_path").unwrap(), "s1", "round {round}");
+        assert_eq!(one(&a, "select x from t").unwrap(), "42");
+        assert_eq!(
+            one(&b, "show search_path").unwrap(),
+            "\"$user\", public",
+            "A's options reached B in round {round}"
+        );
+        assert!(
+            one(&b, "select x from t").is_err(),
+            "B has no s1 on its path"
+        );
+        let slow = one(&a, "select pg_sleep(2)").unwrap_err();
+        assert_eq!(
+            slow.code(),
+            Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
+            "A's statement_timeout holds: {slow:?}"
+        );
+        assert_eq!(
+            one(&b, "select pg_sleep(0.5)").unwrap(),
+            "",
+            "B has no timeout"
+        );
+    }
+    let pools = p.handle().shared.pools.snapshot();
+    let with = pools
+        .iter()
+        .filter(|pl| pl.login().options == "-c search_path=s1 -c statement_timeout=300")
+        .count();
+    assert_eq!(with, 1, "one pool for A's options");
+    assert!(
+        pools.iter().any(|pl| pl.login().options.is_empty()),
+        "one for B"
+    );
+
+    // Its pool's first server is opened at login, for the greeting.
+    let started = std::time::Instant::now();
+    let err = try_connect("-c no_such_setting=1").unwrap_err();
+    let text = common::db_message(&err);
+    assert!(
+        text.contains("no_such_setting"),
+        "the server's reason: {text}"
+    );
+    assert_eq!(err.code().map(|c| c.code()), Some("08004"), "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "refused at once, not after leader_wait_timeout: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(one(&a, "select x from t").unwrap(), "42", "others carry on");
 }

@@ -485,3 +485,142 @@ fn a_server_lost_with_several_syncs_in_flight_answers_each_of_them() {
     // The client goes on, on a new server connection.
     assert_eq!(a.query("select 42"), vec!["42"]);
 }
+
+/// The error code of the first ErrorResponse among `msgs`, if any.
+fn error_code(msgs: &[(u8, Vec<u8>)]) -> Option<String> {
+    msgs.iter()
+        .find(|(t, _)| *t == b'E')
+        .and_then(|(_, body)| msg::error_fields(body))
+        .map(|f| f.code)
+}
+
+/// LISTEN and SQL-level PREPARE leave state on the server that the
+/// client's later transactions need. In transaction mode such a client
+/// keeps its server (PgBouncer's lands on whichever is free: another
+/// client gets its notifications, its EXECUTE fails), the others share the
+/// rest of the pool, and the server is reset before anyone else gets it.
+#[test]
+fn listen_and_sql_prepare_keep_the_clients_server_and_it_is_reset_when_it_leaves() {
+    let (_sb, pg) = primary("px-pin");
+    let mut cfg = config(&pg, PoolMode::Transaction);
+    cfg.pool_size = 2;
+    cfg.checkout_timeout = Duration::from_secs(5);
+    let p = Running::start(cfg);
+    let mut a = Raw::connect(p.rw());
+    let listen_pid = a.query("listen ch; select pg_backend_pid()::text")[0].clone();
+    // B in a transaction holds a server: without the pin, the one A left.
+    let mut b = Raw::connect(p.rw());
+    b.query("begin");
+    let b_pid = b.query("select pg_backend_pid()::text")[0].clone();
+    assert_ne!(b_pid, listen_pid, "A's listening server was handed to B");
+    assert_eq!(a.query("select pg_backend_pid()::text")[0], listen_pid);
+    b.query("notify ch, 'hello'");
+    b.send_with(|m| msg::put_query(m, "commit"));
+    let got = b.until_ready_full();
+    assert!(
+        !got.iter().any(|(t, _)| *t == b'A'),
+        "B got A's notification"
+    );
+    a.send_with(|m| msg::put_query(m, "select 1"));
+    let got = a.until_ready_full();
+    let note = got
+        .iter()
+        .find(|(t, _)| *t == b'A')
+        .expect("A's notification reached A");
+    assert!(String::from_utf8_lossy(&note.1).contains("hello"));
+
+    a.query("prepare q as select 42");
+    b.query("begin");
+    b.send_with(|m| msg::put_query(m, "execute q"));
+    let got = b.until_ready_full();
+    assert_eq!(
+        error_code(&got).as_deref(),
+        Some("26000"),
+        "A's statement is not B's"
+    );
+    b.query("rollback");
+    assert_eq!(
+        a.query("execute q"),
+        ["42"],
+        "A's EXECUTE finds its statement"
+    );
+
+    let shared = p.handle().shared.clone();
+    let text = shared.metrics.render(&shared);
+    assert!(
+        text.lines()
+            .any(|l| l == "pgha_proxy_clients_pinned_total 1"),
+        "one client pinned once:\n{text}"
+    );
+
+    // A leaves: its server comes back reset. Both servers are looked at,
+    // one held by C while D gets the other.
+    drop(a);
+    let mut c = Raw::connect(p.rw());
+    let mut d = Raw::connect(p.rw());
+    c.query("begin");
+    for (who, r) in [("C", &mut c), ("D", &mut d)] {
+        let state = r.query(
+            "select (select count(*) from pg_listening_channels())::text || '/' || \
+             (select count(*) from pg_prepared_statements)::text",
+        );
+        assert_eq!(state, ["0/0"], "{who}'s server still has A's state");
+    }
+    c.query("commit");
+}
+
+/// A client that vanishes in the middle of a COPY FROM STDIN, or while its
+/// query runs inside a transaction, never leaves its server to the next
+/// client: the next one (pool of one) gets a clean server at once, and
+/// nothing the vanished client sent is committed.
+#[test]
+fn a_client_that_vanishes_mid_copy_or_mid_query_leaves_no_dirty_server() {
+    let (_sb, pg, p) = one_server("px-vanish-busy");
+    pg.psql("create table w(x int)").unwrap();
+
+    let mut a = Raw::connect(p.rw());
+    a.send_with(|b| msg::put_query(b, "copy w from stdin"));
+    assert_eq!(a.recv().0, b'G');
+    a.send_with(|b| msg::put_copy_data(b, b"1\n2\n"));
+    drop(a);
+    let mut b = Raw::connect(p.rw());
+    assert_eq!(b.query("select count(*) from w"), ["0"], "half a COPY");
+    b.send_with(|m| msg::put_query(m, "select 1"));
+    let (tags, status) = b.until_ready();
+    assert_eq!(
+        (tags, status),
+        (vec![b'T', b'D', b'C', b'Z'], b'I'),
+        "not inside the COPY"
+    );
+    drop(b);
+
+    let mut c = Raw::connect(p.rw());
+    c.query("begin");
+    c.send_with(|m| msg::put_query(m, "insert into w values (3); select pg_sleep(30)"));
+    wait_until("the insert to run", Duration::from_secs(10), || {
+        let n = pg.psql("select count(*) from pg_stat_activity where query like 'insert into w%'");
+        Ok(matches!(n.as_deref(), Ok("1")).then_some(()))
+    })
+    .unwrap();
+    let vanished = std::time::Instant::now();
+    drop(c);
+    // The proxy sees the client go while its query runs (it does not wait
+    // for the reply), cancels the query and closes that server.
+    wait_until(
+        "the vanished client's query to stop",
+        Duration::from_secs(10),
+        || {
+            let n =
+                pg.psql("select count(*) from pg_stat_activity where query like 'insert into w%'");
+            Ok(matches!(n.as_deref(), Ok("0")).then_some(()))
+        },
+    )
+    .unwrap();
+    let mut d = Raw::connect(p.rw());
+    assert_eq!(d.query("select count(*) from w"), ["0"], "rolled back");
+    assert!(
+        vanished.elapsed() < Duration::from_secs(10),
+        "the next client waited for the vanished one's query: {:?}",
+        vanished.elapsed()
+    );
+}

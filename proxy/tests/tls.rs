@@ -127,7 +127,12 @@ fn servers_are_reached_over_tls_as_server_tls_mode_says() {
         );
     };
     unreachable(&pg, ServerTlsMode::VerifyFull, "127.0.0.1"); // wrong name
-    unreachable(&pg, ServerTlsMode::Disable, "127.0.0.1"); // plain TCP refused
+                                                              // Plain TCP refused: the server's reason, at once.
+    let e = through(&pg, ServerTlsMode::Disable, "127.0.0.1").unwrap_err();
+    assert!(
+        e.contains("refused the connection") && e.contains("pg_hba.conf"),
+        "{e}"
+    );
 
     // A server without TLS: prefer falls back to plain, require refuses.
     assert_eq!(

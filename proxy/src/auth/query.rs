@@ -34,6 +34,7 @@ pub async fn lookup(shared: &Shared, user: &str) -> Result<Option<UserSecret>, A
     let login = Login {
         user: auth_user.clone(),
         database: cfg.auth_database.clone(),
+        options: String::new(),
         password: users
             .as_deref()
             .and_then(|u| u.get(auth_user))

@@ -71,7 +71,7 @@ impl<C: ClientIo> Session<C> {
         // While the server owes a synced reply, the client is read after
         // it: saves a readiness registration per request. A client that
         // pipelines is read as soon as the first reply arrives.
-        let read_client = !(*awaits_server && server.is_some());
+        let read_client = !(*awaits_server && server.is_some()) || bell.watching();
         let idle = server.is_none() && cbuf.is_empty();
         if idle {
             buffers::idle(cbuf, keep);

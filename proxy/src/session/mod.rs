@@ -30,7 +30,7 @@ use crate::pool::{Checkout, Pool, PoolError};
 use crate::protocol::messages as msg;
 use crate::protocol::ProtocolError;
 use crate::router::{Backend, Route};
-use crate::server::{Login, Params};
+use crate::server::{Login, Params, ServerError};
 use crate::tracker::Pending;
 use crate::vars::Vars;
 use crate::Shared;
@@ -62,19 +62,24 @@ struct ClientError {
 
 impl From<PoolError> for ClientError {
     fn from(e: PoolError) -> Self {
-        let message = match &e {
-            PoolError::Timeout(d) => {
-                format!("no server connection available within {d:?} (pool exhausted)")
-            }
+        tracing::warn!(error = %e, "server checkout failed");
+        let (code, message) = match &e {
+            PoolError::Timeout(d) => (
+                "57P03",
+                format!("no server connection available within {d:?} (pool exhausted)"),
+            ),
+            // The login itself was refused: the server's reason, which is
+            // about this client's own request (bad startup options, an
+            // unknown database).
+            PoolError::Server(se @ ServerError::Rejected(f)) if !se.is_transient() => (
+                "08004",
+                format!("the database server refused the connection: {}", f.message),
+            ),
             PoolError::Server(_) | PoolError::WrongRole(_) => {
-                "cannot connect to the database server".to_owned()
+                ("57P03", "cannot connect to the database server".to_owned())
             }
         };
-        tracing::warn!(error = %e, "server checkout failed");
-        ClientError {
-            code: "57P03",
-            message,
-        }
+        ClientError { code, message }
     }
 }
 
@@ -123,11 +128,15 @@ struct Session<C> {
     /// server owes a reply that needs nothing more from the client: the
     /// loop then waits for the server alone (see `next_event`).
     awaits_server: bool,
+    /// A transaction-mode client that keeps its server from now on.
+    pinned: bool,
 }
 
 impl<C: ClientIo> Session<C> {
+    /// Transaction pooling applies: the pool mode says so and the client
+    /// did not pin its server (see `relay::pins`).
     fn tx_mode(&self) -> bool {
-        self.cfg.pool_mode == PoolMode::Transaction
+        self.cfg.pool_mode == PoolMode::Transaction && !self.pinned
     }
 
     /// Attaches a server: an idle pooled one at once when the routing table
@@ -262,7 +271,9 @@ impl<C: ClientIo> Session<C> {
                 // within the same bound, for the table to change or the
                 // server to come back, so a failover costs the client time
                 // but not an error.
-                Err(PoolError::Server(e)) if tokio::time::Instant::now() < deadline => {
+                Err(PoolError::Server(e))
+                    if e.is_transient() && tokio::time::Instant::now() < deadline =>
+                {
                     tracing::debug!(backend = %backend.name, error = %e, "checkout: server down, waiting");
                     self.shared.metrics.error(ErrorKind::NoServer);
                     let _ = tokio::time::timeout(
@@ -429,7 +440,8 @@ impl<C: ClientIo> Session<C> {
         Flow::Continue
     }
 
-    /// The client left: keep its server only if it is clean.
+    /// The client left: keep its server only if it is clean, and cancel
+    /// what still runs there.
     async fn finish(&mut self) {
         // The read buffer goes back to the shelf for the next client.
         if self.cbuf.capacity() > 0 {
@@ -440,6 +452,17 @@ impl<C: ClientIo> Session<C> {
         };
         self.cancel.slot.detach();
         let free = co.conn.tracker.is_free() && !co.conn.discard;
+        if !co.conn.tracker.is_quiet() {
+            // Its query still runs, for no one: stop it, or the backend
+            // would run it to the end (closing the connection tells it
+            // nothing until it next writes).
+            let (backend, key) = (co.pool.backend.clone(), co.conn.key);
+            tokio::spawn(async move {
+                if let Err(e) = crate::server::send_cancel(&backend, key).await {
+                    tracing::debug!(error = %e, "cancel for a vanished client's query failed");
+                }
+            });
+        }
         if free && !self.tx_mode() {
             let ok = Box::pin(co.conn.reset()).await.is_ok();
             co.checkin(ok);

@@ -106,6 +106,9 @@ impl<C: ClientIo> Session<C> {
                 .server
                 .as_ref()
                 .is_some_and(|co| co.conn.tracker.reply_due());
+        if self.awaits_server {
+            self.bell.awaiting_reply(self.shared.bells.tick());
+        }
         if !self.flush_now()? {
             self.flush_rest().await?;
         }
@@ -115,14 +118,21 @@ impl<C: ClientIo> Session<C> {
     /// Handles every whole message the server has sent; releases the server
     /// in transaction mode once it is free.
     pub(super) async fn on_server_data(&mut self) -> Result<(), SessionError> {
-        self.awaits_server = false;
+        if self.awaits_server {
+            self.awaits_server = false;
+            self.bell.reply_came();
+        }
+        let tx = self.tx_mode();
+        let mut pin = None;
         if let Some(co) = self.server.as_mut() {
             let m = self.shared.metrics.route(self.route);
-            let tx = self.cfg.pool_mode == PoolMode::Transaction;
             let conn = &mut co.conn;
             // Forwarded frames are copied in runs, not one by one.
             let (mut pos, mut run) = (0, 0);
             while let Some((tag, len)) = peek_frame(&conn.rbuf[pos..], MAX_SERVER_MESSAGE)? {
+                if tag == b'C' && tx && pin.is_none() {
+                    pin = pins(&conn.rbuf[pos + 5..pos + len]);
+                }
                 if conn.tracker.passes(tag) || conn.tracker.settles(tag) {
                     pos += len;
                     continue;
@@ -175,6 +185,14 @@ impl<C: ClientIo> Session<C> {
             self.out_client.extend_from_slice(&conn.rbuf[run..pos]);
             conn.rbuf.advance(pos);
         }
+        if let Some(what) = pin {
+            tracing::info!(
+                user = self.login.user,
+                "{what}: the client keeps its server connection from now on (reset when it leaves)"
+            );
+            self.shared.metrics.pinned.increment(1);
+            self.pinned = true;
+        }
         let free = self
             .server
             .as_ref()
@@ -192,6 +210,20 @@ impl<C: ClientIo> Session<C> {
             self.check_in();
         }
         Ok(())
+    }
+}
+
+/// Whether a command that completed leaves state on the server that later
+/// transactions of the same client need, and the reason: then the client
+/// keeps that server, as in session mode (and it is reset with `DISCARD
+/// ALL` when the client leaves). Told by the server's CommandComplete tag,
+/// not guessed from SQL text: `LISTEN` (notifications come on that
+/// server), SQL-level `PREPARE` (`EXECUTE` needs that server).
+fn pins(tag: &[u8]) -> Option<&'static str> {
+    match tag {
+        b"LISTEN\0" => Some("LISTEN"),
+        b"PREPARE\0" => Some("PREPARE"),
+        _ => None,
     }
 }
 

@@ -6,7 +6,8 @@
 //!
 //! The tracked settings a client sends in its startup packet (TimeZone,
 //! DateStyle, application_name... see `vars`) are set on every server it
-//! uses; other startup options (`options`, ...) are not replayed. May call: `auth`, `cancel`, the session.
+//! uses; its `options` choose its pools (see `server::Login`). May call:
+//! `auth`, `cancel`, the session.
 
 use std::sync::Arc;
 
@@ -302,6 +303,12 @@ where
     }
     let user = params.user().to_owned();
     let database = params.database().to_owned();
+    // The last one, as for every startup parameter.
+    let options = params
+        .iter()
+        .filter(|(k, _)| *k == "options")
+        .last()
+        .map_or_else(String::new, |(_, v)| v.trim().to_owned());
     let (password, scram_keys) = client_login(&shared, &mut client, &mut buf, &user).await?;
     let cancel = shared.cancels.register();
     let key = cancel.key;
@@ -313,6 +320,7 @@ where
         login: Login {
             user,
             database,
+            options,
             password,
             scram_keys,
         },
@@ -336,6 +344,7 @@ where
         seen_epoch: 0,
         cache_epoch: 0,
         awaits_server: false,
+        pinned: false,
     };
     // The greeting is built in the session's client buffer, the node's
     // ParameterStatus between AuthenticationOk and BackendKeyData.

@@ -84,6 +84,41 @@ impl Running {
 
     /// A tokio-postgres client of 127.0.0.1:`port`: the proxy's, or a
     /// server's directly.
+    /// A tokio-postgres client on the read-write port, its config
+    /// adjusted by `with` (application name, startup options...).
+    pub fn client_with(
+        &self,
+        with: impl FnOnce(&mut tokio_postgres::Config),
+    ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        let mut c = tokio_postgres::Config::new();
+        c.host("127.0.0.1")
+            .port(self.rw())
+            .user("postgres")
+            .dbname("postgres");
+        with(&mut c);
+        self.rt.block_on(async {
+            let (client, conn) = c.connect(tokio_postgres::NoTls).await?;
+            tokio::spawn(conn);
+            Ok(client)
+        })
+    }
+
+    /// The first column of the first row `sql` returns ("" if none).
+    pub fn first_cell(
+        &self,
+        c: &tokio_postgres::Client,
+        sql: &str,
+    ) -> Result<String, tokio_postgres::Error> {
+        let rows = self.rt.block_on(c.simple_query(sql))?;
+        Ok(rows
+            .iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+                _ => None,
+            })
+            .unwrap_or_default())
+    }
+
     pub async fn client(port: u16) -> tokio_postgres::Client {
         let (c, conn) = tokio_postgres::connect(
             &format!("host=127.0.0.1 port={port} user=postgres dbname=postgres"),
