@@ -74,8 +74,9 @@ pub struct Shared {
 #[derive(Debug)]
 pub struct ClientGuard {
     shared: Arc<Shared>,
-    /// This client is beyond `max_client_conn` and must be refused.
-    pub over_limit: bool,
+    /// Clients connected, this one included: beyond `max_client_conn`,
+    /// this one is refused.
+    pub clients: usize,
 }
 
 impl Drop for ClientGuard {
@@ -110,7 +111,7 @@ impl Shared {
         let n = self.clients.fetch_add(1, Ordering::AcqRel) + 1;
         ClientGuard {
             shared: self.clone(),
-            over_limit: n > self.cfg().max_client_conn,
+            clients: n,
         }
     }
 

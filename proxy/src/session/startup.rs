@@ -125,13 +125,13 @@ pub async fn serve<C>(
     C: ClientIo,
 {
     let guard = shared.client_enter();
-    let over = guard.over_limit;
+    let clients = guard.clients;
     // Not boxed: its rare paths are (TLS, cancel, auth_query, password
     // exchanges), and what remains shares the task's memory with the
     // session's loop, which runs after it (`a_client_task_stays_small`).
     // The startup deadline (see `serve_tcp`) ends here, unless it passed
     // while the greeting went out.
-    let session = handshake(shared, client, route, over, buf, bell.clone()).await;
+    let session = handshake(shared, client, route, clients, buf, bell.clone()).await;
     if let Some(mut session) = session.filter(|_| bell.started()) {
         session.run().await;
     }
@@ -186,7 +186,7 @@ impl<C: ClientIo> Session<C> {
     async fn startup_params(&mut self) -> Result<(), ClientError> {
         if self.tx_mode() {
             let table = self.shared.topology.load();
-            let fallback = self.shared.cfg().ro_fallback_to_leader;
+            let fallback = self.cfg.ro_fallback_to_leader;
             let turn = self.shared.next_turn();
             if let Some(b) = table
                 .choose(self.route, turn, fallback)
@@ -220,14 +220,15 @@ type Credentials = (Option<String>, Option<([u8; 32], [u8; 32])>);
 /// got its error.
 async fn client_login<C: ClientIo>(
     shared: &Shared,
+    cfg: &crate::Config,
     client: &mut C,
     buf: &mut BytesMut,
     user: &str,
 ) -> Option<Credentials> {
-    let method = shared.cfg().auth_method;
+    let method = cfg.auth_method;
     let users = shared.users.load_full();
     let mut secret = users.as_deref().and_then(|u| u.get(user)).cloned();
-    if secret.is_none() && shared.cfg().auth_query.is_some() && method != AuthMethod::Trust {
+    if secret.is_none() && cfg.auth_query.is_some() && method != AuthMethod::Trust {
         secret = match Box::pin(auth::query::lookup(shared, user)).await {
             Ok(s) => s,
             Err(e) => {
@@ -278,7 +279,7 @@ pub(super) async fn handshake<C>(
     shared: Arc<Shared>,
     mut client: C,
     route: Route,
-    over_limit: bool,
+    clients: usize,
     mut buf: BytesMut,
     bell: Arc<Doorbell>,
 ) -> Option<Session<C>>
@@ -294,7 +295,9 @@ where
             return None;
         }
     };
-    if over_limit {
+    // One load of the configuration for the whole login.
+    let cfg = shared.cfg();
+    if clients > cfg.max_client_conn {
         shared
             .metrics
             .error(crate::metrics::ErrorKind::TooManyClients);
@@ -309,11 +312,11 @@ where
         .filter(|(k, _)| *k == "options")
         .last()
         .map_or_else(String::new, |(_, v)| v.trim().to_owned());
-    let (password, scram_keys) = client_login(&shared, &mut client, &mut buf, &user).await?;
+    let (password, scram_keys) = client_login(&shared, &cfg, &mut client, &mut buf, &user).await?;
     let cancel = shared.cancels.register();
     let key = cancel.key;
     let mut s = Session {
-        cfg: shared.cfg(),
+        cfg,
         shared: shared.clone(),
         client,
         route,
