@@ -116,14 +116,15 @@ pub enum StartupPacket {
 
 /// The parameters of a startup message, in the order sent: the block as
 /// one string (one allocation per client), checked when parsed to be
-/// NUL-separated key/value pairs with no empty key, and where the user and
-/// database values lie in it.
+/// NUL-separated key/value pairs with no empty key, and where the user,
+/// database and options values lie in it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StartupParams {
     /// `key\0value\0` for each pair.
     text: String,
     user: Range<usize>,
     database: Option<Range<usize>>,
+    options: Option<Range<usize>>,
 }
 
 impl StartupParams {
@@ -146,6 +147,12 @@ impl StartupParams {
     /// The user name (required by the protocol).
     pub fn user(&self) -> &str {
         &self.text[self.user.clone()]
+    }
+
+    /// The `options` value (command-line settings for the backend), if
+    /// given.
+    pub fn options(&self) -> Option<&str> {
+        self.options.clone().map(|r| &self.text[r])
     }
 
     /// The database, defaulting to the user name as Postgres does.
@@ -216,7 +223,7 @@ fn parse_params(body: &[u8]) -> Result<StartupParams, ProtocolError> {
         nul(rest).map(|i| from + i).ok_or_else(bad)
     };
     let mut pos = 0;
-    let (mut user, mut database) = (None, None);
+    let (mut user, mut database, mut options) = (None, None, None);
     loop {
         let key_end = nul_from(pos)?;
         if key_end == pos {
@@ -230,6 +237,7 @@ fn parse_params(body: &[u8]) -> Result<StartupParams, ProtocolError> {
         match &text[pos..key_end] {
             "user" => user = Some(key_end + 1..value_end),
             "database" => database = Some(key_end + 1..value_end),
+            "options" => options = Some(key_end + 1..value_end),
             _ => {}
         }
         pos = value_end + 1;
@@ -239,6 +247,7 @@ fn parse_params(body: &[u8]) -> Result<StartupParams, ProtocolError> {
         text: text[..pos].to_owned(),
         user: user.ok_or_else(bad)?,
         database,
+        options,
     })
 }
 
@@ -341,6 +350,7 @@ mod tests {
         assert_eq!(p.user(), "alice");
         assert_eq!(p.database(), "alice");
         assert_eq!(p.get("application_name"), Some("x"));
+        assert_eq!(p.options(), None);
     }
 
     #[test]
@@ -355,6 +365,7 @@ mod tests {
             [("database", "db"), ("user", "bob"), ("options", "")]
         );
         assert_eq!(p.database(), "db");
+        assert_eq!(p.options(), Some(""));
         // A key sent twice: the last value counts, as in Postgres.
         let mut twice = startup_bytes(
             PROTOCOL_V3,

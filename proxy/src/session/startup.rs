@@ -306,12 +306,9 @@ where
     }
     let user = params.user().to_owned();
     let database = params.database().to_owned();
-    // The last one, as for every startup parameter.
     let options = params
-        .iter()
-        .filter(|(k, _)| *k == "options")
-        .last()
-        .map_or_else(String::new, |(_, v)| v.trim().to_owned());
+        .options()
+        .map_or_else(String::new, |v| v.trim().to_owned());
     let (password, scram_keys) = client_login(&shared, &cfg, &mut client, &mut buf, &user).await?;
     let cancel = shared.cancels.register();
     let key = cancel.key;
