@@ -571,8 +571,9 @@ fn listen_and_sql_prepare_keep_the_clients_server_and_it_is_reset_when_it_leaves
 
 /// A client that vanishes in the middle of a COPY FROM STDIN, or while its
 /// query runs inside a transaction, never leaves its server to the next
-/// client: the next one (pool of one) gets a clean server at once, and
-/// nothing the vanished client sent is committed.
+/// client: the next one (pool of one) gets a clean server at once, the
+/// query is cancelled, and nothing the vanished client sent is committed.
+/// A statement outside a transaction block is left to finish.
 #[test]
 fn a_client_that_vanishes_mid_copy_or_mid_query_leaves_no_dirty_server() {
     let (_sb, pg, p) = one_server("px-vanish-busy");
@@ -623,4 +624,26 @@ fn a_client_that_vanishes_mid_copy_or_mid_query_leaves_no_dirty_server() {
         "the next client waited for the vanished one's query: {:?}",
         vanished.elapsed()
     );
+
+    // Outside a transaction block the statement runs on and commits, as
+    // it would had the client been connected directly.
+    let mut e = Raw::connect(p.rw());
+    e.send_with(|m| msg::put_query(m, "select pg_sleep(1); insert into w values (5)"));
+    wait_until("the statement to run", Duration::from_secs(10), || {
+        let n = pg.psql(
+            "select count(*) from pg_stat_activity where query like 'select pg_sleep(1); insert%'",
+        );
+        Ok(matches!(n.as_deref(), Ok("1")).then_some(()))
+    })
+    .unwrap();
+    drop(e);
+    wait_until(
+        "the vanished client's insert to commit",
+        Duration::from_secs(10),
+        || {
+            let n = pg.psql("select count(*) from w where x = 5");
+            Ok(matches!(n.as_deref(), Ok("1")).then_some(()))
+        },
+    )
+    .unwrap();
 }

@@ -9,7 +9,7 @@ mod common;
 
 use common::{config, primary, psql, Running};
 use pgha_local::{PgInstance, PgOptions, RunAs, Sandbox};
-use pgha_proxy::config::{PoolMode, ServerTlsMode};
+use pgha_proxy::config::{AuthMethod, PoolMode, ServerTlsMode};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
 
 /// Writes ca.pem, server.pem and server.key into `dir`.
@@ -140,4 +140,54 @@ fn servers_are_reached_over_tls_as_server_tls_mode_says() {
         "f"
     );
     unreachable(&plain, ServerTlsMode::Require, "127.0.0.1");
+}
+
+/// SCRAM over TLS, as a client with `sslmode=verify-full` and a password
+/// logs in: the right password only. The proxy terminates TLS, so it
+/// offers SCRAM-SHA-256 without channel binding (`-PLUS`): libpq's default
+/// (`channel_binding=prefer`) logs in, `channel_binding=require` is refused
+/// by libpq itself with its own clear error.
+#[test]
+fn scram_over_tls_needs_the_right_password_and_offers_no_channel_binding() {
+    let (sb, pg) = primary("px-tls-scram");
+    certificates(sb.path());
+    let users = sb.path().join("users.txt");
+    std::fs::write(&users, "\"postgres\" \"s3cret\"\n").unwrap();
+    let mut cfg = config(&pg, PoolMode::Transaction);
+    cfg.tls_cert_file = Some(sb.path().join("server.pem"));
+    cfg.tls_key_file = Some(sb.path().join("server.key"));
+    cfg.auth_method = AuthMethod::ScramSha256;
+    cfg.users_file = Some(users);
+    let p = Running::start(cfg);
+    let ca = sb.path().join("ca.pem");
+    let run = |password: &str, binding: &str| {
+        let out = std::process::Command::new("psql")
+            .args([
+                "-XAtq",
+                "-c",
+                "select ssl::text from pg_stat_ssl where pid = pg_backend_pid()",
+            ])
+            .arg(format!(
+                "host=localhost port={} user=postgres dbname=postgres sslmode=verify-full \
+                 sslrootcert={} password={password} channel_binding={binding}",
+                p.rw(),
+                ca.display()
+            ))
+            .output()
+            .unwrap();
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    };
+    // The proxy's own server connection is plain here: `f` from the server.
+    assert_eq!(run("s3cret", "prefer").unwrap(), "false");
+    let bad = run("guess", "prefer").unwrap_err();
+    assert!(
+        bad.contains("password authentication failed for user \"postgres\""),
+        "{bad}"
+    );
+    let bound = run("s3cret", "require").unwrap_err();
+    assert!(bound.contains("channel binding"), "{bound}");
 }

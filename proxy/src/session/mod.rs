@@ -441,7 +441,7 @@ impl<C: ClientIo> Session<C> {
     }
 
     /// The client left: keep its server only if it is clean, and cancel
-    /// what still runs there.
+    /// what still runs there in a transaction it can no longer commit.
     async fn finish(&mut self) {
         // The read buffer goes back to the shelf for the next client.
         if self.cbuf.capacity() > 0 {
@@ -452,10 +452,12 @@ impl<C: ClientIo> Session<C> {
         };
         self.cancel.slot.detach();
         let free = co.conn.tracker.is_free() && !co.conn.discard;
-        if !co.conn.tracker.is_quiet() {
-            // Its query still runs, for no one: stop it, or the backend
-            // would run it to the end (closing the connection tells it
-            // nothing until it next writes).
+        if !co.conn.tracker.is_quiet() && co.conn.tracker.status() != b'I' {
+            // Its query still runs inside a transaction no one can commit
+            // now: stop it, or the backend would run it to the end (closing
+            // the connection tells it nothing until it next writes). A
+            // query outside a transaction block runs on and commits, as it
+            // would had the client been connected directly.
             let (backend, key) = (co.pool.backend.clone(), co.conn.key);
             tokio::spawn(async move {
                 if let Err(e) = crate::server::send_cancel(&backend, key).await {
