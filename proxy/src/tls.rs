@@ -4,9 +4,12 @@
 //! certificate, `verify-full` checks it against `server_tls_ca_file` and
 //! the backend's host).
 //!
-//! SCRAM channel binding (`-PLUS`) is not offered: the proxy terminates TLS
-//! and talks to servers on its own connections. May call: `rustls`,
-//! `rustls_pemfile`, `tokio_rustls`, the filesystem.
+//! Clients over TLS are offered SCRAM-SHA-256-PLUS with the
+//! `tls-server-end-point` binding (RFC 5929): the hash of the proxy's own
+//! certificate, so a client that requires channel binding knows no one
+//! between it and the proxy relayed its login. (The proxy logs in to
+//! servers on its own connections.) May call: `rustls`, `rustls_pemfile`,
+//! `tokio_rustls`, `sha2`, the filesystem.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -15,6 +18,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
+use sha2::{Digest, Sha256, Sha384, Sha512};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::config::{Config, ServerTlsMode};
@@ -73,8 +77,65 @@ fn acceptor(cert: &Path, key: &Path) -> Result<Tls, TlsError> {
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
-        .with_single_cert(certs, key_der)?;
-    Ok(Tls(TlsAcceptor::from(Arc::new(config))))
+        .with_single_cert(certs.clone(), key_der)?;
+    Ok(Tls {
+        acceptor: TlsAcceptor::from(Arc::new(config)),
+        end_point: end_point(&certs[0]).map(Arc::from),
+    })
+}
+
+/// One DER element: its tag, its contents and what follows it.
+fn der(bytes: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = bytes.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n]
+            .iter()
+            .fold(0usize, |l, b| (l << 8) | usize::from(*b));
+        (len, &rest[n..])
+    };
+    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
+}
+
+/// The `tls-server-end-point` channel binding data of a certificate (RFC
+/// 5929): its hash with the hash function of its signature algorithm,
+/// SHA-256 for MD5 and SHA-1. `None` for algorithms without one (Ed25519,
+/// RSA-PSS): then -PLUS is not offered, as libpq would refuse it anyway.
+fn end_point(cert: &[u8]) -> Option<Vec<u8>> {
+    const SEQUENCE: u8 = 0x30;
+    const OID: u8 = 0x06;
+    let (SEQUENCE, body, _) = der(cert)? else {
+        return None;
+    };
+    let (SEQUENCE, _tbs, rest) = der(body)? else {
+        return None;
+    };
+    let (SEQUENCE, alg, _) = der(rest)? else {
+        return None;
+    };
+    let (OID, oid, _) = der(alg)? else {
+        return None;
+    };
+    // 1.2.840.113549.1.1.x (RSA with ...) and 1.2.840.10045.4.x (ECDSA with ...).
+    const RSA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01];
+    const ECDSA: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04];
+    let bits = match (oid.strip_prefix(RSA), oid.strip_prefix(ECDSA)) {
+        (Some([4 | 5 | 11]), _) | (_, Some([1] | [3, 2])) => 256,
+        (Some([12]), _) | (_, Some([3, 3])) => 384,
+        (Some([13]), _) | (_, Some([3, 4])) => 512,
+        _ => return None,
+    };
+    Some(match bits {
+        256 => Sha256::digest(cert).to_vec(),
+        384 => Sha384::digest(cert).to_vec(),
+        _ => Sha512::digest(cert).to_vec(),
+    })
 }
 
 /// The acceptor for `tls_cert_file` and `tls_key_file`; `None` without them.
@@ -87,7 +148,12 @@ pub fn client_tls(cfg: &Config) -> Result<Option<Arc<Tls>>, TlsError> {
 
 /// The acceptor, printable in debug output of the shared state.
 #[derive(Clone)]
-pub struct Tls(pub TlsAcceptor);
+pub struct Tls {
+    pub acceptor: TlsAcceptor,
+    /// The certificate's `tls-server-end-point` binding data, when its
+    /// signature algorithm defines one (see [`end_point`]).
+    pub end_point: Option<Arc<[u8]>>,
+}
 
 impl std::fmt::Debug for Tls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -187,5 +253,28 @@ impl ServerCertVerifier for AnyCertificate {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_end_point_binding_is_the_certificates_hash_by_its_signature_algorithm() {
+        let self_signed = |alg: &'static rcgen::SignatureAlgorithm| {
+            let key = rcgen::KeyPair::generate_for(alg).unwrap();
+            let params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+            params.self_signed(&key).unwrap().der().to_vec()
+        };
+        let der = self_signed(&rcgen::PKCS_ECDSA_P256_SHA256);
+        assert_eq!(end_point(&der), Some(Sha256::digest(&der).to_vec()));
+        let der = self_signed(&rcgen::PKCS_ECDSA_P384_SHA384);
+        assert_eq!(end_point(&der), Some(Sha384::digest(&der).to_vec()));
+        let der = self_signed(&rcgen::PKCS_ED25519);
+        assert_eq!(end_point(&der), None, "Ed25519 defines no hash");
+        for junk in [&b""[..], b"\x30", b"\x30\x85\x01", b"\x30\x03\x30\x01"] {
+            assert_eq!(end_point(junk), None);
+        }
     }
 }

@@ -261,3 +261,85 @@ fn reload_applies_settings_and_backends_keeps_restart_keys_and_refuses_a_bad_fil
     assert_eq!(shared.cfg().max_client_conn, 1);
     assert_eq!(one("select n from whoami"), "pg2");
 }
+
+/// One series' value in Prometheus text (`name{labels}` exactly as
+/// rendered); 0 when absent.
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// The metrics count what clients did: requests and transactions per
+/// route, waits for a server, bytes both ways to the byte, connected
+/// clients, server connections and errors by kind.
+#[test]
+fn metrics_count_the_traffic_clients_send_and_receive() {
+    let (_sb, pg) = primary("px-metrics");
+    let mut cfg = config(&pg, PoolMode::Transaction);
+    cfg.pool_size = 2;
+    let p = Running::start(cfg);
+    let shared = p.handle().shared.clone();
+    let render = || shared.metrics.render(&shared);
+    let mut a = Raw::connect(p.rw());
+    let mut b = Raw::connect(p.rw());
+    let before = render();
+    assert_eq!(metric(&before, "pgha_proxy_client_connections"), 2.0);
+
+    // A: ten one-statement transactions and one of three requests.
+    let (mut sent, mut received) = (0usize, 0usize);
+    let mut run = |raw: &mut Raw, sql: &str| {
+        raw.send_with(|m| msg::put_query(m, sql));
+        sent += 1 + 4 + sql.len() + 1;
+        let reply = raw.until_ready_full();
+        assert!(!reply.iter().any(|(t, _)| *t == b'E'), "{sql}: {reply:?}");
+        received += reply
+            .iter()
+            .map(|(_, body)| 1 + 4 + body.len())
+            .sum::<usize>();
+    };
+    for _ in 0..10 {
+        run(&mut a, "select 1");
+    }
+    for sql in ["begin", "select 2", "commit"] {
+        run(&mut a, sql);
+    }
+    let after = render();
+    let delta = |series: &str| metric(&after, series) - metric(&before, series);
+    assert_eq!(delta("pgha_proxy_queries_total{route=\"rw\"}"), 13.0);
+    assert_eq!(delta("pgha_proxy_transactions_total{route=\"rw\"}"), 11.0);
+    assert_eq!(delta("pgha_proxy_queries_total{route=\"ro\"}"), 0.0);
+    assert_eq!(
+        delta("pgha_proxy_wait_seconds_count{route=\"rw\"}"),
+        11.0,
+        "one server checkout per transaction"
+    );
+    assert_eq!(delta("pgha_proxy_client_bytes_in_total"), sent as f64);
+    assert_eq!(delta("pgha_proxy_client_bytes_out_total"), received as f64);
+    let servers: f64 = after
+        .lines()
+        .filter(|l| l.starts_with("pgha_proxy_server_connections{") && l.contains("route=\"rw\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(
+        (1.0..=2.0).contains(&servers),
+        "server connections: {servers}\n{after}"
+    );
+
+    // B sends garbage: a protocol error, counted, and B is gone.
+    b.send(&[b'Q', 0, 0, 0, 1]);
+    assert_eq!(b.recv().0, b'E');
+    drop(b);
+    drop(a);
+    wait_until("both clients to be gone", Duration::from_secs(10), || {
+        Ok((metric(&render(), "pgha_proxy_client_connections") == 0.0).then_some(()))
+    })
+    .unwrap();
+    let end = render();
+    assert_eq!(
+        metric(&end, "pgha_proxy_errors_total{kind=\"protocol\"}")
+            - metric(&before, "pgha_proxy_errors_total{kind=\"protocol\"}"),
+        1.0,
+        "{end}"
+    );
+}

@@ -143,12 +143,12 @@ fn servers_are_reached_over_tls_as_server_tls_mode_says() {
 }
 
 /// SCRAM over TLS, as a client with `sslmode=verify-full` and a password
-/// logs in: the right password only. The proxy terminates TLS, so it
-/// offers SCRAM-SHA-256 without channel binding (`-PLUS`): libpq's default
-/// (`channel_binding=prefer`) logs in, `channel_binding=require` is refused
-/// by libpq itself with its own clear error.
+/// logs in: the right password only. Over TLS the proxy offers
+/// SCRAM-SHA-256-PLUS, bound to its own certificate, so libpq's
+/// `channel_binding=require` logs in; without TLS there is nothing to bind
+/// to and libpq refuses to go on.
 #[test]
-fn scram_over_tls_needs_the_right_password_and_offers_no_channel_binding() {
+fn scram_over_tls_needs_the_right_password_and_binds_to_the_proxys_certificate() {
     let (sb, pg) = primary("px-tls-scram");
     certificates(sb.path());
     let users = sb.path().join("users.txt");
@@ -160,15 +160,11 @@ fn scram_over_tls_needs_the_right_password_and_offers_no_channel_binding() {
     cfg.users_file = Some(users);
     let p = Running::start(cfg);
     let ca = sb.path().join("ca.pem");
-    let run = |password: &str, binding: &str| {
+    let run = |password: &str, ssl: &str, binding: &str| {
         let out = std::process::Command::new("psql")
-            .args([
-                "-XAtq",
-                "-c",
-                "select ssl::text from pg_stat_ssl where pid = pg_backend_pid()",
-            ])
+            .args(["-XAtq", "-c", "select 1"])
             .arg(format!(
-                "host=localhost port={} user=postgres dbname=postgres sslmode=verify-full \
+                "host=localhost port={} user=postgres dbname=postgres sslmode={ssl} \
                  sslrootcert={} password={password} channel_binding={binding}",
                 p.rw(),
                 ca.display()
@@ -181,13 +177,17 @@ fn scram_over_tls_needs_the_right_password_and_offers_no_channel_binding() {
             Err(String::from_utf8_lossy(&out.stderr).into_owned())
         }
     };
-    // The proxy's own server connection is plain here: `f` from the server.
-    assert_eq!(run("s3cret", "prefer").unwrap(), "false");
-    let bad = run("guess", "prefer").unwrap_err();
-    assert!(
-        bad.contains("password authentication failed for user \"postgres\""),
-        "{bad}"
-    );
-    let bound = run("s3cret", "require").unwrap_err();
-    assert!(bound.contains("channel binding"), "{bound}");
+    assert_eq!(run("s3cret", "verify-full", "prefer").unwrap(), "1");
+    assert_eq!(run("s3cret", "verify-full", "require").unwrap(), "1");
+    assert_eq!(run("s3cret", "require", "disable").unwrap(), "1");
+    for binding in ["prefer", "require"] {
+        let bad = run("guess", "verify-full", binding).unwrap_err();
+        assert!(
+            bad.contains("password authentication failed for user \"postgres\""),
+            "{binding}: {bad}"
+        );
+    }
+    let plain = run("s3cret", "disable", "require").unwrap_err();
+    assert!(plain.contains("channel binding"), "{plain}");
+    assert_eq!(run("s3cret", "disable", "prefer").unwrap(), "1");
 }

@@ -162,7 +162,9 @@ fn random_nonce() -> String {
 /// for `user`, whose secret the caller looked up (users file or
 /// auth_query). `known_only`: trust admits only users with a secret.
 /// Writes the challenges, not the final AuthenticationOk. For SCRAM,
-/// returns the client's ClientKey (for logging in to servers with it).
+/// returns the client's ClientKey (for logging in to servers with it);
+/// `binding`: the TLS connection's channel binding data, which SCRAM then
+/// offers to bind to (-PLUS).
 pub async fn authenticate<C: AsyncRead + AsyncWrite + Unpin>(
     client: &mut C,
     buf: &mut BytesMut,
@@ -170,6 +172,7 @@ pub async fn authenticate<C: AsyncRead + AsyncWrite + Unpin>(
     secret: Option<&UserSecret>,
     known_only: bool,
     user: &str,
+    binding: Option<&[u8]>,
 ) -> Result<Option<[u8; 32]>, AuthError> {
     let secret = match (method, secret) {
         (AuthMethod::Trust, s) => return trust(s, known_only, user),
@@ -180,7 +183,7 @@ pub async fn authenticate<C: AsyncRead + AsyncWrite + Unpin>(
         // Answered above.
         AuthMethod::Trust => Ok(None),
         AuthMethod::Md5 => md5(client, buf, secret, user).await.map(|_| None),
-        AuthMethod::ScramSha256 => scram(client, buf, secret).await.map(Some),
+        AuthMethod::ScramSha256 => scram(client, buf, secret, binding).await.map(Some),
     }
 }
 
@@ -224,18 +227,30 @@ async fn scram<C: AsyncRead + AsyncWrite + Unpin>(
     client: &mut C,
     buf: &mut BytesMut,
     secret: &UserSecret,
+    binding: Option<&[u8]>,
 ) -> Result<[u8; 32], AuthError> {
     let keys = secret.scram.clone().ok_or(AuthError::WrongPassword)?;
     let mut out = BytesMut::new();
-    msg::put_auth_sasl(&mut out, &["SCRAM-SHA-256"]);
+    let offered: &[&str] = match binding {
+        Some(_) => &[scram::PLUS, scram::PLAIN],
+        None => &[scram::PLAIN],
+    };
+    msg::put_auth_sasl(&mut out, offered);
     client.write_all(&out).await?;
     let body = read_password_msg(client, buf).await?;
     let (mech, data) =
         msg::sasl_initial(&body).ok_or(AuthError::Protocol("bad SASL initial".into()))?;
-    if mech != "SCRAM-SHA-256" {
+    if !offered.contains(&mech) {
         return Err(AuthError::Protocol(format!("unsupported mechanism {mech}")));
     }
-    let mut server = ScramServer::new(keys, random_nonce());
+    let channel = scram::Channel {
+        offered: binding.is_some(),
+        bound: (mech == scram::PLUS)
+            .then_some(binding)
+            .flatten()
+            .map(<[u8]>::to_vec),
+    };
+    let mut server = ScramServer::new(keys, random_nonce(), channel);
     let first = server.client_first(data)?;
     out.clear();
     msg::put_auth_sasl_continue(&mut out, &first);
@@ -290,7 +305,16 @@ mod tests {
         let server = tokio::spawn(async move {
             let mut buf = BytesMut::new();
             let secret = users.get("alice");
-            authenticate(&mut a, &mut buf, AuthMethod::Md5, secret, true, "alice").await
+            authenticate(
+                &mut a,
+                &mut buf,
+                AuthMethod::Md5,
+                secret,
+                true,
+                "alice",
+                None,
+            )
+            .await
         });
         let mut buf = BytesMut::new();
         let f = loop {

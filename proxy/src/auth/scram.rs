@@ -1,9 +1,9 @@
 //! Server side of SCRAM-SHA-256 (RFC 5802 / 7677) as Postgres speaks it, as a
 //! state machine: message in, next message (or a verdict) out. No I/O.
 //!
-//! Channel binding (`-PLUS`) is not offered: a proxy that terminates TLS
-//! cannot bind the client's channel to the server's. May call: `hmac`,
-//! `sha2`, `base64`.
+//! Over TLS, SCRAM-SHA-256-PLUS binds the exchange to the client's TLS
+//! connection to the proxy (`tls-server-end-point`, see `tls`). May call:
+//! `hmac`, `sha2`, `base64`.
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
@@ -84,6 +84,8 @@ impl ScramKeys {
 enum State {
     Initial,
     SentFirst {
+        /// The `c=` value expected in client-final-message.
+        binding: String,
         client_first_bare: String,
         server_first: String,
         nonce: String,
@@ -95,8 +97,23 @@ enum State {
 pub struct ScramServer {
     keys: ScramKeys,
     server_nonce: String,
+    channel: Channel,
     state: State,
     client_key: Option<[u8; 32]>,
+}
+
+/// The mechanisms, as SASL names them.
+pub const PLAIN: &str = "SCRAM-SHA-256";
+pub const PLUS: &str = "SCRAM-SHA-256-PLUS";
+
+/// What the exchange may bind to.
+#[derive(Debug, Clone, Default)]
+pub struct Channel {
+    /// -PLUS was offered (the client is on TLS with a usable certificate).
+    pub offered: bool,
+    /// The client chose -PLUS: the `tls-server-end-point` data its proof
+    /// must include.
+    pub bound: Option<Vec<u8>>,
 }
 
 fn bad(what: &str) -> AuthError {
@@ -105,10 +122,11 @@ fn bad(what: &str) -> AuthError {
 
 impl ScramServer {
     /// `server_nonce` must be fresh random printable ASCII without commas.
-    pub fn new(keys: ScramKeys, server_nonce: String) -> ScramServer {
+    pub fn new(keys: ScramKeys, server_nonce: String, channel: Channel) -> ScramServer {
         ScramServer {
             keys,
             server_nonce,
+            channel,
             state: State::Initial,
             client_key: None,
         }
@@ -117,15 +135,7 @@ impl ScramServer {
     /// Takes client-first-message, returns server-first-message.
     pub fn client_first(&mut self, msg: &[u8]) -> Result<Vec<u8>, AuthError> {
         let msg = std::str::from_utf8(msg).map_err(|_| bad("client-first"))?;
-        let bare = match msg.split_at_checked(3) {
-            Some(("n,," | "y,,", bare)) => bare,
-            _ if msg.starts_with("p=") => {
-                return Err(AuthError::Protocol(
-                    "channel binding is not supported by the proxy".into(),
-                ))
-            }
-            _ => return Err(bad("client-first")),
-        };
+        let (header, bare) = self.gs2_header(msg)?;
         let nonce = bare
             .split(',')
             .find_map(|a| a.strip_prefix("r="))
@@ -139,6 +149,7 @@ impl ScramServer {
         );
         let out = server_first.as_bytes().to_vec();
         self.state = State::SentFirst {
+            binding: self.binding_attr(header),
             client_first_bare: bare.to_owned(),
             server_first,
             nonce,
@@ -146,9 +157,52 @@ impl ScramServer {
         Ok(out)
     }
 
+    /// The GS2 header of client-first-message and the rest, checked
+    /// against the mechanism chosen: `p=tls-server-end-point` only with
+    /// -PLUS, and `y` (the client could bind but thinks the server
+    /// cannot) refused when -PLUS was offered, which means someone
+    /// removed it on the way (RFC 5802, 6).
+    fn gs2_header<'m>(&self, msg: &'m str) -> Result<(&'m str, &'m str), AuthError> {
+        let refuse = |why: &str| Err(AuthError::Protocol(format!("SCRAM channel binding: {why}")));
+        let split = |prefix: &str| {
+            msg.strip_prefix(prefix)
+                .map(|bare| (&msg[..prefix.len()], bare))
+        };
+        if let Some(parts) = split("p=tls-server-end-point,,") {
+            return match self.channel.bound {
+                Some(_) => Ok(parts),
+                None => refuse("tls-server-end-point without SCRAM-SHA-256-PLUS"),
+            };
+        }
+        if self.channel.bound.is_some() {
+            return refuse("SCRAM-SHA-256-PLUS chosen without binding");
+        }
+        if msg.starts_with("p=") {
+            return refuse("unsupported binding type");
+        }
+        if let Some(parts) = split("y,,") {
+            return match self.channel.offered {
+                false => Ok(parts),
+                true => refuse("the client was told the proxy offers no binding"),
+            };
+        }
+        split("n,,").ok_or_else(|| bad("client-first"))
+    }
+
+    /// The `c=` value client-final-message must carry: the GS2 header and
+    /// the binding data, base64.
+    fn binding_attr(&self, header: &str) -> String {
+        let mut data = header.as_bytes().to_vec();
+        if let Some(bound) = &self.channel.bound {
+            data.extend_from_slice(bound);
+        }
+        B64.encode(data)
+    }
+
     /// Takes client-final-message, returns server-final-message on success.
     pub fn client_final(&mut self, msg: &[u8]) -> Result<Vec<u8>, AuthError> {
         let State::SentFirst {
+            binding: want,
             client_first_bare,
             server_first,
             nonce,
@@ -160,8 +214,10 @@ impl ScramServer {
         let (without_proof, proof) = msg.rsplit_once(",p=").ok_or_else(|| bad("client-final"))?;
         let mut attrs = without_proof.split(',');
         let binding = attrs.next().and_then(|a| a.strip_prefix("c="));
-        if !matches!(binding, Some("biws" | "eSws")) {
-            return Err(bad("channel binding"));
+        if binding != Some(want.as_str()) {
+            return Err(AuthError::Protocol(
+                "SCRAM channel binding check failed".into(),
+            ));
         }
         if attrs.next().and_then(|a| a.strip_prefix("r=")) != Some(nonce.as_str()) {
             return Err(bad("nonce"));
@@ -263,13 +319,62 @@ mod tests {
 
     fn exchange(server_pw: &str, client_pw: &str) -> Result<(), AuthError> {
         let keys = ScramKeys::from_password(server_pw, b"0123456789abcdef".to_vec(), 4096);
-        let mut server = ScramServer::new(keys, "srvnonce".into());
+        let mut server = ScramServer::new(keys, "srvnonce".into(), Channel::default());
         let mut client = ScramSha256::new(client_pw.as_bytes(), ChannelBinding::unsupported());
         let first = server.client_first(client.message())?;
         client.update(&first).unwrap();
         let fin = server.client_final(client.message())?;
         client.finish(&fin).unwrap();
         Ok(())
+    }
+
+    /// An exchange over a channel: what the server offers and binds to,
+    /// and what the client (rust-postgres's SCRAM) says about binding.
+    fn bound_exchange(channel: Channel, client_binding: ChannelBinding) -> Result<(), AuthError> {
+        let keys = ScramKeys::from_password("pw", b"0123456789abcdef".to_vec(), 4096);
+        let mut server = ScramServer::new(keys, "srvnonce".into(), channel);
+        let mut client = ScramSha256::new(b"pw", client_binding);
+        let first = server.client_first(client.message())?;
+        client.update(&first).unwrap();
+        let fin = server.client_final(client.message())?;
+        client.finish(&fin).unwrap();
+        Ok(())
+    }
+
+    #[test]
+    fn plus_binds_the_login_to_the_certificate_hash_and_refuses_downgrades() {
+        let plus = |hash: &[u8]| Channel {
+            offered: true,
+            bound: Some(hash.to_vec()),
+        };
+        let offered = Channel {
+            offered: true,
+            bound: None,
+        };
+        bound_exchange(
+            plus(b"cert-hash"),
+            ChannelBinding::tls_server_end_point(b"cert-hash".to_vec()),
+        )
+        .unwrap();
+        // The client saw another certificate: someone relayed its TLS.
+        assert!(bound_exchange(
+            plus(b"cert-hash"),
+            ChannelBinding::tls_server_end_point(b"other".to_vec())
+        )
+        .is_err());
+        // -PLUS chosen, then no binding sent; a binding without -PLUS.
+        assert!(bound_exchange(plus(b"h"), ChannelBinding::unsupported()).is_err());
+        assert!(bound_exchange(
+            offered.clone(),
+            ChannelBinding::tls_server_end_point(b"h".to_vec())
+        )
+        .is_err());
+        // A client that could bind was told the proxy cannot: a downgrade
+        // when -PLUS was offered, fine when it was not.
+        assert!(bound_exchange(offered.clone(), ChannelBinding::unrequested()).is_err());
+        bound_exchange(Channel::default(), ChannelBinding::unrequested()).unwrap();
+        // A client without binding support logs in either way.
+        bound_exchange(offered, ChannelBinding::unsupported()).unwrap();
     }
 
     #[test]
@@ -281,7 +386,7 @@ mod tests {
     fn a_recovered_client_key_logs_in_to_a_server_with_the_same_verifier() {
         let keys = ScramKeys::from_password("pw", b"salty".to_vec(), 4096);
         // A client logs in to the proxy with the password ...
-        let mut proxy_side = ScramServer::new(keys.clone(), "p1".into());
+        let mut proxy_side = ScramServer::new(keys.clone(), "p1".into(), Channel::default());
         let mut client = ScramSha256::new(b"pw", ChannelBinding::unsupported());
         let first = proxy_side.client_first(client.message()).unwrap();
         client.update(&first).unwrap();
@@ -289,14 +394,14 @@ mod tests {
         client.finish(&fin).unwrap();
         // ... and the proxy logs in to the server from the recovered key.
         let ck = proxy_side.client_key().unwrap();
-        let mut server = ScramServer::new(keys.clone(), "s1".into());
+        let mut server = ScramServer::new(keys.clone(), "s1".into(), Channel::default());
         let mut kc = KeyClient::new(ck, keys.server_key, "k1".into());
         let sf = server.client_first(&kc.first()).unwrap();
         let cf = kc.respond(&sf).unwrap();
         let done = server.client_final(&cf).unwrap();
         kc.verify(&done).unwrap();
         // A wrong key is refused by the server.
-        let mut server = ScramServer::new(keys.clone(), "s2".into());
+        let mut server = ScramServer::new(keys.clone(), "s2".into(), Channel::default());
         let mut kc = KeyClient::new([7; 32], keys.server_key, "k2".into());
         let sf = server.client_first(&kc.first()).unwrap();
         let cf = kc.respond(&sf).unwrap();
@@ -328,11 +433,11 @@ mod tests {
     #[test]
     fn garbage_and_out_of_order_messages_are_errors() {
         let keys = ScramKeys::from_password("pw", b"s".to_vec(), 1);
-        let mut s = ScramServer::new(keys.clone(), "n".into());
+        let mut s = ScramServer::new(keys.clone(), "n".into(), Channel::default());
         assert!(s.client_final(b"c=biws,r=x,p=AAAA").is_err());
-        let mut s = ScramServer::new(keys.clone(), "n".into());
+        let mut s = ScramServer::new(keys.clone(), "n".into(), Channel::default());
         assert!(s.client_first(b"\xff\xfe").is_err());
-        let mut s = ScramServer::new(keys, "n".into());
+        let mut s = ScramServer::new(keys, "n".into(), Channel::default());
         assert!(s.client_first(b"p=tls-server-end-point,,n=,r=x").is_err());
     }
 }

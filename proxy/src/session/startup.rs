@@ -66,7 +66,7 @@ async fn accept_tls(
     stream: tokio::net::TcpStream,
     acceptor: Arc<crate::tls::Tls>,
 ) -> Option<Box<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>> {
-    match acceptor.0.accept(stream).await {
+    match acceptor.acceptor.accept(stream).await {
         Ok(tls) => Some(Box::new(tls)),
         Err(e) => {
             tracing::info!(error = %e, "TLS handshake failed");
@@ -101,12 +101,13 @@ async fn serve_client(
     bell: Arc<Doorbell>,
 ) {
     match negotiate(&shared, stream).await {
-        Negotiated::Plain(stream, buf) => serve(shared, stream, route, buf, bell).await,
+        Negotiated::Plain(stream, buf) => serve(shared, stream, route, buf, bell, None).await,
         Negotiated::Tls(stream, acceptor) => {
+            let binding = acceptor.end_point.clone();
             // Boxed, so the plain path's state does not hold a TLS stream.
             let tls = Box::pin(accept_tls(stream, acceptor)).await;
             if let Some(tls) = tls {
-                Box::pin(serve(shared, *tls, route, BytesMut::new(), bell)).await;
+                Box::pin(serve(shared, *tls, route, BytesMut::new(), bell, binding)).await;
             }
         }
         Negotiated::Done => {}
@@ -114,13 +115,15 @@ async fn serve_client(
 }
 
 /// Serves one client connection to the end; `buf` holds bytes already
-/// read, `bell` is rung on routing changes and drain.
+/// read, `bell` is rung on routing changes and drain, `binding` is the
+/// TLS channel binding data a SCRAM login may bind to (see `tls`).
 pub async fn serve<C>(
     shared: Arc<Shared>,
     client: C,
     route: Route,
     buf: BytesMut,
     bell: Arc<Doorbell>,
+    binding: Option<Arc<[u8]>>,
 ) where
     C: ClientIo,
 {
@@ -131,7 +134,7 @@ pub async fn serve<C>(
     // session's loop, which runs after it (`a_client_task_stays_small`).
     // The startup deadline (see `serve_tcp`) ends here, unless it passed
     // while the greeting went out.
-    let session = handshake(shared, client, route, clients, buf, bell.clone()).await;
+    let session = handshake(shared, client, route, clients, buf, bell.clone(), binding).await;
     if let Some(mut session) = session.filter(|_| bell.started()) {
         session.run().await;
     }
@@ -224,6 +227,7 @@ async fn client_login<C: ClientIo>(
     client: &mut C,
     buf: &mut BytesMut,
     user: &str,
+    binding: Option<&[u8]>,
 ) -> Option<Credentials> {
     let method = cfg.auth_method;
     let users = shared.users.load_full();
@@ -250,6 +254,7 @@ async fn client_login<C: ClientIo>(
                 secret.as_ref(),
                 known_only,
                 user,
+                binding,
             ))
             .await
         }
@@ -282,6 +287,7 @@ pub(super) async fn handshake<C>(
     clients: usize,
     mut buf: BytesMut,
     bell: Arc<Doorbell>,
+    binding: Option<Arc<[u8]>>,
 ) -> Option<Session<C>>
 where
     C: ClientIo,
@@ -309,7 +315,15 @@ where
     let options = params
         .options()
         .map_or_else(String::new, |v| v.trim().to_owned());
-    let (password, scram_keys) = client_login(&shared, &cfg, &mut client, &mut buf, &user).await?;
+    let (password, scram_keys) = client_login(
+        &shared,
+        &cfg,
+        &mut client,
+        &mut buf,
+        &user,
+        binding.as_deref(),
+    )
+    .await?;
     let cancel = shared.cancels.register();
     let key = cancel.key;
     let mut s = Session {

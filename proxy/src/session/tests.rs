@@ -78,7 +78,7 @@ fn a_message_read_before_the_bell_never_reaches_a_server_that_left_its_role() {
         let registered = shared.bells.register();
         let bell = registered.bell.clone();
         let route = Route::ReadWrite;
-        let mut s = handshake(shared.clone(), end, route, 1, BytesMut::new(), bell)
+        let mut s = handshake(shared.clone(), end, route, 1, BytesMut::new(), bell, None)
             .await
             .expect("logged in");
         let mut buf = BytesMut::new();
