@@ -204,6 +204,11 @@ fn leader_change_keeps_idle_clients_and_aborts_in_flight_transactions_cleanly() 
     let mut in_tx = Raw::connect(p.rw());
     in_tx.query("begin");
     in_tx.query("insert into t values (1)");
+    // A client that stays idle through the failover: its session still
+    // refers to the old leader's pool, whose idle servers must close all
+    // the same.
+    let mut sleeper = Raw::connect(p.rw());
+    sleeper.query("select 1");
 
     c.fail_over_to_pg2();
     leader_is(&shared, "pg2");
@@ -227,6 +232,20 @@ fn leader_change_keeps_idle_clients_and_aborts_in_flight_transactions_cleanly() 
     // No write reached the demoted node: its uncommitted insert was dropped.
     assert_eq!(c.pg1.psql("select count(*) from t").unwrap(), "0");
     assert_eq!(c.pg2.psql("select count(*) from t").unwrap(), "1");
+    // Every connection the proxy had to the old leader is closed, the
+    // pooled idle ones included, not left until server_lifetime.
+    let proxy_conns = "select count(*) from pg_stat_activity where application_name = 'pgha-proxy'";
+    wait_until(
+        "the proxy's connections to pg1 to close",
+        Duration::from_secs(10),
+        || Ok(matches!(c.pg1.psql(proxy_conns).as_deref(), Ok("0")).then_some(())),
+    )
+    .unwrap();
+    assert_ne!(
+        c.pg2.psql(proxy_conns).unwrap(),
+        "0",
+        "the proxy is on pg2 now"
+    );
 }
 
 #[test]
