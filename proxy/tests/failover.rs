@@ -89,6 +89,18 @@ impl Cluster {
         });
     }
 
+    /// The acknowledgement proxy `id` wrote, if any.
+    fn proxy_ack(&self, id: &str) -> Option<ProxyAck> {
+        let eps = self.etcd.endpoints();
+        let key = self.keys.proxy(id);
+        common::runtime().block_on(async move {
+            let mut c = etcd_client::Client::connect(eps, None).await.ok()?;
+            let resp = c.get(key, None).await.ok()?;
+            let kv = resp.kvs().first()?;
+            pgha_cluster::decode("ack", kv.value()).ok()
+        })
+    }
+
     fn config(&self, mode: PoolMode) -> Config {
         Config {
             listen_rw: "127.0.0.1:0".parse().unwrap(),
@@ -408,4 +420,68 @@ fn a_switchover_pauses_new_transactions_acknowledges_and_resumes_on_the_new_lead
     assert_eq!(waiting.join().unwrap(), c.pg2.port());
     wait_routing(&shared, "resumed", |t| !t.paused);
     let _ = Arc::clone(&shared);
+}
+
+/// During a switchover, transactions already open on the old leader get
+/// `switchover_drain_timeout` to finish: the proxy acknowledges as soon as
+/// they did (in_flight 0), or when the bound runs out, with the number
+/// still open, never before.
+#[test]
+fn a_switchover_waits_for_open_transactions_up_to_its_drain_bound() {
+    let c = Cluster::start("px-switch-drain");
+    for (id, bound, commits) in [
+        (7u64, Duration::from_secs(1), false),
+        (8, Duration::from_secs(20), true),
+    ] {
+        let mut cfg = c.config(PoolMode::Transaction);
+        cfg.id = format!("px{id}");
+        cfg.switchover_drain_timeout = bound;
+        let proxy_id = cfg.id.clone();
+        let p = Running::start(cfg);
+        let shared = p.handle().shared.clone();
+        leader_is(&shared, "pg1");
+        let mut open = Raw::connect(p.rw());
+        open.query("begin");
+        open.query("select 1");
+        let asked = std::time::Instant::now();
+        let sw = Switchover {
+            id,
+            leader: "pg1".into(),
+            candidate: Some("pg2".into()),
+            phase: SwitchoverPhase::Requested,
+            requested_at_ms: 0,
+        };
+        c.put(&c.keys.switchover(), pgha_cluster::encode(&sw));
+        wait_routing(&shared, "paused", |t| t.paused);
+        let acked = || c.proxy_ack(&proxy_id).filter(|a| a.paused_for == Some(id));
+        if commits {
+            assert!(
+                acked().is_none(),
+                "acknowledged while a transaction was open"
+            );
+            open.query("commit");
+        }
+        let ack = wait_until(
+            "the proxy's acknowledgement",
+            Duration::from_secs(30),
+            || Ok(acked()),
+        )
+        .unwrap();
+        let took = asked.elapsed();
+        if commits {
+            assert_eq!(ack.in_flight, 0);
+            assert!(
+                took < bound,
+                "waited out the bound after the commit: {took:?}"
+            );
+        } else {
+            assert_eq!(ack.in_flight, 1, "the open transaction is reported");
+            assert!(
+                took >= bound,
+                "acknowledged before the drain bound: {took:?}"
+            );
+        }
+        c.delete(&c.keys.switchover());
+        wait_routing(&shared, "resumed", |t| !t.paused);
+    }
 }
