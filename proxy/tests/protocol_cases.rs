@@ -647,3 +647,42 @@ fn a_client_that_vanishes_mid_copy_or_mid_query_leaves_no_dirty_server() {
     )
     .unwrap();
 }
+
+/// Errors the proxy makes itself (here: no server within the checkout
+/// timeout) keep the extended protocol in step as a server would: one
+/// ErrorResponse per request group, the rest of the group skipped up to
+/// its Sync, one ReadyForQuery per Sync, also for pipelined groups; a group
+/// ended by Flush gets its error at once and its ReadyForQuery at the Sync.
+#[test]
+fn errors_the_proxy_makes_inside_pipelined_extended_groups_keep_the_protocol_in_step() {
+    let (_sb, _pg, p) = one_server("px-own-errors");
+    let mut holder = Raw::connect(p.rw());
+    holder.query("begin");
+    let mut b = Raw::connect(p.rw());
+    b.send_with(|m| {
+        unnamed_query(m, "select 1");
+        unnamed_query(m, "select 2");
+    });
+    for group in 0..2 {
+        let (tags, status) = b.until_ready();
+        assert_eq!((tags, status), (vec![b'E', b'Z'], b'I'), "group {group}");
+    }
+    b.send_with(|m| {
+        parse(m, "", "select 3");
+        msg::put_bind_simple(m, "", "");
+        msg::put_execute(m, "", 0);
+        msg::put_empty(m, b'H');
+    });
+    let (tag, body) = b.recv();
+    assert_eq!(tag, b'E');
+    assert_eq!(msg::error_fields(&body).unwrap().code, "57P03");
+    b.send_with(|m| msg::put_empty(m, b'S'));
+    assert_eq!(b.until_ready(), (vec![b'Z'], b'I'));
+
+    holder.query("commit");
+    b.send_with(|m| unnamed_query(m, "select 4"));
+    let got = b.until_ready_full();
+    let tags: Vec<u8> = got.iter().map(|(t, _)| *t).collect();
+    assert_eq!(tags, vec![b'1', b'2', b'D', b'C', b'Z']);
+    assert_eq!(first_value(&got), "4");
+}
