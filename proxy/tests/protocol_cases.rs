@@ -318,7 +318,23 @@ fn cancel_reaches_the_running_query_and_never_another_clients() {
         idle.simple_query("select 1").await.unwrap();
         let stale = idle.cancel_token();
         let b = Running::client(port).await;
-        let bq = tokio::spawn(async move { b.simple_query("select pg_sleep(0.5)").await });
+        let bq = tokio::spawn(async move { b.simple_query("select pg_sleep(2)").await });
+        // Sent while B's query runs on the server the idle client used
+        // (the pool has one): a forwarded stale cancel would end it.
+        let direct = format!("host=127.0.0.1 port={pg_port} user=postgres dbname=postgres");
+        tokio::task::spawn_blocking(move || {
+            wait_until("B's query to run", Duration::from_secs(10), || {
+                let out = std::process::Command::new("psql")
+                    .args(["-XAtq", &direct, "-c"])
+                    .arg("select count(*) from pg_stat_activity where query = 'select pg_sleep(2)' and state = 'active'")
+                    .output()
+                    .map_err(|e| e.to_string())?;
+                Ok((String::from_utf8_lossy(&out.stdout).trim() == "1").then_some(()))
+            })
+        })
+        .await
+        .unwrap()
+        .unwrap();
         stale.cancel_query(tokio_postgres::NoTls).await.unwrap();
         if let Err(e) = bq.await.unwrap() {
             panic!("another client's query failed: {}", common::db_message(&e));
