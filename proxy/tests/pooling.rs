@@ -572,3 +572,44 @@ fn startup_options_hold_in_every_transaction_and_bad_ones_are_refused_at_once() 
     );
     assert_eq!(one(&a, "select x from t").unwrap(), "42", "others carry on");
 }
+
+/// The statements prepared on one server connection are bounded by
+/// `prepared_cache_size`: past it the least recently used is closed on
+/// the server, and a client's statement that was closed there is prepared
+/// again when the client next uses it.
+#[test]
+fn a_server_connection_holds_at_most_prepared_cache_size_statements() {
+    let (_sb, pg) = primary("px-stmt-cache");
+    let mut cfg = config(&pg, PoolMode::Transaction);
+    cfg.pool_size = 1;
+    cfg.prepared_cache_size = 3;
+    let p = Running::start(cfg);
+    let port = p.rw();
+    p.rt.block_on(async move {
+        let c = Running::client(port).await;
+        let mut stmts = Vec::new();
+        for i in 0..6i32 {
+            let s = c.prepare(&format!("select $1::int4 + {i}")).await.unwrap();
+            stmts.push((i, s));
+        }
+        for round in 0..2 {
+            for (i, s) in &stmts {
+                let row = c.query_one(s, &[&100i32]).await.unwrap();
+                assert_eq!(row.get::<_, i32>(0), 100 + i, "round {round}");
+                // The only server connection, as it is now.
+                let held = c
+                    .simple_query("select count(*) from pg_prepared_statements")
+                    .await
+                    .unwrap();
+                let n: usize = held
+                    .iter()
+                    .find_map(|m| match m {
+                        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0)?.parse().ok(),
+                        _ => None,
+                    })
+                    .unwrap();
+                assert!(n <= 3, "{n} statements on the server, limit 3");
+            }
+        }
+    });
+}

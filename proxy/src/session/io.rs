@@ -41,6 +41,13 @@ impl<C: ClientIo> Session<C> {
     /// Writes what the sockets take now; `Ok(true)` when nothing is left,
     /// the common case, which then needs no future and no waiting.
     pub(super) fn flush_now(&mut self) -> Result<bool, SessionError> {
+        // Counted before they can reach the client, so a client that read
+        // a reply never sees a count without it; what this call leaves is
+        // written by `flush_rest` next (a write that fails was counted).
+        if !self.out_client.is_empty() {
+            let n = self.out_client.len() as u64;
+            self.shared.metrics.bytes_out.increment(n);
+        }
         if !self.out_server.is_empty() {
             if let Some(co) = self.server.as_mut() {
                 let n = co
@@ -60,7 +67,6 @@ impl<C: ClientIo> Session<C> {
                 .client
                 .write_now(&self.out_client)
                 .map_err(SessionError::ClientIo)?;
-            self.shared.metrics.bytes_out.increment(n as u64);
             if n < self.out_client.len() {
                 self.out_client.advance(n);
                 return Ok(false);
@@ -78,9 +84,9 @@ impl<C: ClientIo> Session<C> {
         self.flush_rest().await
     }
 
-    /// What [`Session::flush_now`] left: waits for the sockets to drain.
-    /// Hot paths call the two themselves, so the common case builds no
-    /// future.
+    /// What [`Session::flush_now`] left (and counted): waits for the
+    /// sockets to drain. Always called after it; hot paths call the two
+    /// themselves, so the common case builds no future.
     pub(super) async fn flush_rest(&mut self) -> Result<(), SessionError> {
         if !self.out_server.is_empty() {
             if let Some(co) = self.server.as_mut() {
@@ -93,10 +99,6 @@ impl<C: ClientIo> Session<C> {
             buffers::clear(&mut self.out_server);
         }
         if !self.out_client.is_empty() {
-            self.shared
-                .metrics
-                .bytes_out
-                .increment(self.out_client.len() as u64);
             self.client
                 .write_all(&self.out_client)
                 .await
