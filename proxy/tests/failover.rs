@@ -65,12 +65,6 @@ impl Cluster {
         c
     }
 
-    /// An etcd client living on `rt` (its background tasks die with it).
-    fn etcd_client(&self, rt: &tokio::runtime::Runtime) -> etcd_client::Client {
-        let eps = self.etcd.endpoints();
-        rt.block_on(async { etcd_client::Client::connect(eps, None).await.unwrap() })
-    }
-
     fn put(&self, key: &str, value: Vec<u8>) {
         let eps = self.etcd.endpoints();
         let key = key.to_owned();
@@ -395,18 +389,10 @@ fn a_switchover_pauses_new_transactions_acknowledges_and_resumes_on_the_new_lead
     };
     c.put(&c.keys.switchover(), pgha_cluster::encode(&sw));
     wait_routing(&shared, "paused", |t| t.paused);
-    let ack_key = c.keys.proxy("px1");
-    let rt = common::runtime();
-    let mut etcd = c.etcd_client(&rt);
     wait_until("proxy ack", Duration::from_secs(10), || {
-        let resp = rt
-            .block_on(etcd.get(ack_key.clone(), None))
-            .map_err(|e| e.to_string())?;
-        let ack: Option<ProxyAck> = resp
-            .kvs()
-            .first()
-            .and_then(|kv| pgha_cluster::decode("ack", kv.value()).ok());
-        Ok(ack.filter(|a| a.paused_for == Some(7)).map(|_| ()))
+        Ok(c.proxy_ack("px1")
+            .filter(|a| a.paused_for == Some(7))
+            .map(|_| ()))
     })
     .unwrap();
     // A transaction started during the pause waits, then runs on pg2.

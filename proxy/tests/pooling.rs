@@ -1,6 +1,6 @@
 //! Pooling and routing through the proxy against a real PostgreSQL 15:
 //! psql, tokio-postgres and pgbench in every query mode, both pool modes,
-//! authentication, limits and the release rule.
+//! limits and the release rule. (Authentication: `auth.rs`.)
 
 #![allow(clippy::unwrap_used)]
 
@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{config, primary, psql, Running};
-use pgha_proxy::config::{AuthMethod, PoolMode};
+use pgha_proxy::config::PoolMode;
 
 #[test]
 fn psql_on_the_read_write_port_reaches_a_primary_and_writes() {
@@ -110,31 +110,6 @@ fn pgbench_simple_extended_and_prepared_all_pass_in_transaction_mode() {
 #[test]
 fn pgbench_simple_extended_and_prepared_all_pass_in_session_mode() {
     pgbench_every_mode(PoolMode::Session, "px-bench-sess");
-}
-
-fn users_file(dir: &std::path::Path) -> std::path::PathBuf {
-    let path = dir.join("users.txt");
-    std::fs::write(&path, "\"postgres\" \"s3cret\"\n").unwrap();
-    path
-}
-
-#[test]
-fn scram_and_md5_clients_get_in_with_the_right_password_only() {
-    let (sb, pg) = primary("px-auth");
-    for method in [AuthMethod::ScramSha256, AuthMethod::Md5] {
-        let mut cfg = config(&pg, PoolMode::Transaction);
-        cfg.auth_method = method;
-        cfg.users_file = Some(users_file(sb.path()));
-        let p = Running::start(cfg);
-        let ok = psql(p.rw(), "select 1", &[("PGPASSWORD", "s3cret")]);
-        assert_eq!(ok.unwrap(), "1", "{method:?}");
-        let bad = psql(p.rw(), "select 1", &[("PGPASSWORD", "guess")]).unwrap_err();
-        assert!(
-            bad.contains("password authentication failed for user \"postgres\""),
-            "{method:?}: {bad}"
-        );
-        assert!(!bad.contains("guess") && !bad.contains("s3cret"), "{bad}");
-    }
 }
 
 #[test]
@@ -282,69 +257,6 @@ fn session_mode_resets_the_server_before_the_next_client() {
     });
 }
 
-#[test]
-fn the_proxy_logs_in_to_servers_with_scram_and_md5() {
-    let (sb, pg) = primary("px-srvauth");
-    pg.psql("create role app_scram login password 'pw'")
-        .unwrap();
-    pg.psql("set password_encryption = 'md5'; create role app_md5 login password 'pw'")
-        .unwrap();
-    let hba = pg.data_dir().join("pg_hba.conf");
-    let old = std::fs::read_to_string(&hba).unwrap();
-    std::fs::write(
-        &hba,
-        format!(
-            "host all app_scram 127.0.0.1/32 scram-sha-256\n\
-             host all app_md5 127.0.0.1/32 md5\n{old}"
-        ),
-    )
-    .unwrap();
-    pg.psql("select pg_reload_conf()").unwrap();
-    let users = sb.path().join("users.txt");
-    std::fs::write(&users, "\"app_scram\" \"pw\"\n\"app_md5\" \"pw\"\n").unwrap();
-    let mut cfg = config(&pg, PoolMode::Transaction);
-    cfg.users_file = Some(users);
-    cfg.auth_method = AuthMethod::ScramSha256;
-    let p = Running::start(cfg);
-    for user in ["app_scram", "app_md5"] {
-        let out = Command::new("psql")
-            .args([
-                "-XAtq",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &p.rw().to_string(),
-                "-U",
-                user,
-            ])
-            .args(["-d", "postgres", "-c", "select current_user"])
-            .env("PGPASSWORD", "pw")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{user}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), user);
-    }
-    // The server's method really is in force: a direct login needs the password.
-    let direct = Command::new("psql")
-        .args([
-            "-XAtqw",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &pg.port().to_string(),
-            "-U",
-            "app_md5",
-        ])
-        .args(["-d", "postgres", "-c", "select 1"])
-        .output()
-        .unwrap();
-    assert!(!direct.status.success());
-}
-
 fn proxy_backends(pg: &pgha_local::PgInstance) -> usize {
     pg.psql("select count(*) from pg_stat_activity where application_name = 'pgha-proxy'")
         .unwrap()
@@ -387,54 +299,6 @@ fn idle_servers_close_after_the_idle_timeout_and_min_idle_stays_open() {
         }
     })
     .unwrap();
-}
-
-#[test]
-fn auth_query_users_log_in_with_scram_and_reach_servers_without_a_stored_password() {
-    let (_sb, pg) = primary("px-authq");
-    pg.psql("create role app login password 'pw'").unwrap();
-    let hba = pg.data_dir().join("pg_hba.conf");
-    let old = std::fs::read_to_string(&hba).unwrap();
-    std::fs::write(
-        &hba,
-        format!("host all app 127.0.0.1/32 scram-sha-256\n{old}"),
-    )
-    .unwrap();
-    pg.psql("select pg_reload_conf()").unwrap();
-    let mut cfg = config(&pg, PoolMode::Transaction);
-    cfg.auth_method = AuthMethod::ScramSha256;
-    cfg.auth_query = Some("SELECT usename, passwd FROM pg_shadow WHERE usename = $1".into());
-    let p = Running::start(cfg);
-    let login = |pw: &str| {
-        Command::new("psql")
-            .args([
-                "-XAtq",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &p.rw().to_string(),
-                "-U",
-                "app",
-            ])
-            .args(["-d", "postgres", "-c", "select current_user"])
-            .env("PGPASSWORD", pw)
-            .output()
-            .unwrap()
-    };
-    let ok = login("pw");
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
-    assert_eq!(String::from_utf8_lossy(&ok.stdout).trim(), "app");
-    let bad = login("nope");
-    assert!(!bad.status.success());
-    let err = String::from_utf8_lossy(&bad.stderr);
-    assert!(
-        err.contains("password authentication failed for user \"app\""),
-        "{err}"
-    );
 }
 
 /// Transaction mode hands each transaction whichever server is free; the

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{config, primary, psql, Running};
+use common::{config, primary, psql, psql_conninfo, Running};
 use pgha_local::{PgInstance, PgOptions, RunAs, Sandbox};
 use pgha_proxy::config::{AuthMethod, PoolMode, ServerTlsMode};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
@@ -161,21 +161,13 @@ fn scram_over_tls_needs_the_right_password_and_binds_to_the_proxys_certificate()
     let p = Running::start(cfg);
     let ca = sb.path().join("ca.pem");
     let run = |password: &str, ssl: &str, binding: &str| {
-        let out = std::process::Command::new("psql")
-            .args(["-XAtq", "-c", "select 1"])
-            .arg(format!(
-                "host=localhost port={} user=postgres dbname=postgres sslmode={ssl} \
-                 sslrootcert={} password={password} channel_binding={binding}",
-                p.rw(),
-                ca.display()
-            ))
-            .output()
-            .unwrap();
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
+        let conninfo = format!(
+            "host=localhost port={} user=postgres dbname=postgres sslmode={ssl} \
+             sslrootcert={} password={password} channel_binding={binding}",
+            p.rw(),
+            ca.display()
+        );
+        psql_conninfo(&conninfo, "select 1")
     };
     assert_eq!(run("s3cret", "verify-full", "prefer").unwrap(), "1");
     assert_eq!(run("s3cret", "verify-full", "require").unwrap(), "1");

@@ -143,19 +143,62 @@ impl Drop for Running {
 
 /// psql -XAtq through the proxy; Ok(stdout) or Err(stderr).
 pub fn psql(port: u16, sql: &str, env: &[(&str, &str)]) -> Result<String, String> {
-    let out = Command::new("psql")
-        .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1"])
+    let mut cmd = Command::new("psql");
+    cmd.args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1"])
         .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
         .args(["-d", "postgres", "-c", sql])
         .env("PGCONNECT_TIMEOUT", "10")
-        .envs(env.iter().copied())
-        .output()
-        .unwrap();
+        .envs(env.iter().copied());
+    outcome(cmd)
+}
+
+/// psql -XAtq with a libpq connection string (TLS modes, channel
+/// binding, other users and ports), never prompting for a password;
+/// Ok(stdout) or Err(stderr).
+pub fn psql_conninfo(conninfo: &str, sql: &str) -> Result<String, String> {
+    let mut cmd = Command::new("psql");
+    cmd.args(["-XAtqw", "-c", sql]).arg(conninfo);
+    outcome(cmd)
+}
+
+fn outcome(mut cmd: Command) -> Result<String, String> {
+    let out = cmd.output().unwrap();
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
     } else {
         Err(String::from_utf8_lossy(&out.stderr).into_owned())
     }
+}
+
+/// Waits (10 s at most) until `n` backends of the server on `pg_port`
+/// match `condition` in pg_stat_activity.
+pub fn wait_backends(pg_port: u16, condition: &str, n: usize) {
+    let direct = format!("host=127.0.0.1 port={pg_port} user=postgres dbname=postgres");
+    let sql = format!("select count(*) from pg_stat_activity where {condition}");
+    pgha_local::wait_until(
+        &format!("{n} backends with {condition}"),
+        Duration::from_secs(10),
+        || Ok((psql_conninfo(&direct, &sql).ok() == Some(n.to_string())).then_some(())),
+    )
+    .unwrap();
+}
+
+/// A proxy in transaction mode with a pool of one server connection and a
+/// 300 ms checkout timeout.
+pub fn one_server(label: &str) -> (Sandbox, PgInstance, Running) {
+    let (sb, pg) = primary(label);
+    let mut cfg = config(&pg, PoolMode::Transaction);
+    cfg.pool_size = 1;
+    cfg.checkout_timeout = Duration::from_millis(300);
+    let p = Running::start(cfg);
+    (sb, pg, p)
+}
+
+/// The first column of the first DataRow among `msgs`.
+pub fn first_value(msgs: &[(u8, Vec<u8>)]) -> String {
+    let (_, body) = msgs.iter().find(|(t, _)| *t == b'D').expect("a DataRow");
+    let len = i32::from_be_bytes(body[2..6].try_into().unwrap()) as usize;
+    String::from_utf8_lossy(&body[6..6 + len]).into_owned()
 }
 
 /// A blocking client that speaks raw protocol messages.

@@ -1,0 +1,277 @@
+//! A client session's life beyond single messages, through the proxy in
+//! transaction mode: cancel (to the running query, never to another
+//! client's), clients that vanish mid-transaction, mid-COPY or mid-query,
+//! and the commands that pin a client to its server.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{config, first_value, one_server, primary, wait_backends, Raw, Running};
+use pgha_local::wait_until;
+use pgha_proxy::config::PoolMode;
+use pgha_proxy::protocol::messages as msg;
+
+/// The error code of the first ErrorResponse among `msgs`, if any.
+fn error_code(msgs: &[(u8, Vec<u8>)]) -> Option<String> {
+    msgs.iter()
+        .find(|(t, _)| *t == b'E')
+        .and_then(|(_, body)| msg::error_fields(body))
+        .map(|f| f.code)
+}
+
+#[test]
+fn cancel_reaches_the_running_query_and_never_another_clients() {
+    let (_sb, pg, p) = one_server("px-cancel");
+    let port = p.rw();
+    let pg_port = pg.port();
+    p.rt.block_on(async move {
+        let a = Running::client(port).await;
+        let token = a.cancel_token();
+        let running = tokio::spawn(async move { a.simple_query("select pg_sleep(30)").await });
+        tokio::task::spawn_blocking(move || {
+            let running = "query like 'select pg_sleep(30)%' and state = 'active'";
+            wait_backends(pg_port, running, 1);
+        })
+        .await
+        .unwrap();
+        token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+        let err = tokio::time::timeout(Duration::from_secs(10), running)
+            .await
+            .expect("cancel must end the query quickly")
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(
+            err.code(),
+            Some(&tokio_postgres::error::SqlState::QUERY_CANCELED)
+        );
+
+        // An idle client's cancel must not hit the next user of its server.
+        let idle = Running::client(port).await;
+        idle.simple_query("select 1").await.unwrap();
+        let stale = idle.cancel_token();
+        let b = Running::client(port).await;
+        let bq = tokio::spawn(async move { b.simple_query("select pg_sleep(2)").await });
+        // Sent while B's query runs on the server the idle client used
+        // (the pool has one): a forwarded stale cancel would end it.
+        tokio::task::spawn_blocking(move || {
+            wait_backends(
+                pg_port,
+                "query = 'select pg_sleep(2)' and state = 'active'",
+                1,
+            );
+        })
+        .await
+        .unwrap();
+        stale.cancel_query(tokio_postgres::NoTls).await.unwrap();
+        if let Err(e) = bq.await.unwrap() {
+            panic!("another client's query failed: {}", common::db_message(&e));
+        }
+    });
+}
+
+#[test]
+fn cancel_reaches_a_client_still_waiting_for_a_server() {
+    let (_sb, pg) = primary("px-cancel-wait");
+    let mut cfg = config(&pg, PoolMode::Transaction);
+    cfg.pool_size = 1;
+    cfg.checkout_timeout = Duration::from_secs(60);
+    let p = Running::start(cfg);
+    let port = p.rw();
+    let shared = p.handle().shared.clone();
+    let mut holder = Raw::connect(port);
+    holder.query("begin");
+    p.rt.block_on(async move {
+        let b = Running::client(port).await;
+        let token = b.cancel_token();
+        let waiting = tokio::spawn(async move { b.simple_query("select 1").await });
+        let s2 = shared.clone();
+        tokio::task::spawn_blocking(move || {
+            wait_until(
+                "client B waits for the pool",
+                Duration::from_secs(10),
+                || {
+                    Ok((s2
+                        .pools
+                        .snapshot()
+                        .iter()
+                        .map(|p| p.waiting())
+                        .sum::<usize>()
+                        == 1)
+                        .then_some(()))
+                },
+            )
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+        let err = tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("the waiting client is released by its cancel")
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(
+            err.code(),
+            Some(&tokio_postgres::error::SqlState::QUERY_CANCELED)
+        );
+    });
+    holder.query("commit");
+}
+
+#[test]
+fn a_client_that_vanishes_mid_transaction_never_hands_over_a_dirty_server() {
+    let (_sb, pg, p) = one_server("px-vanish");
+    pg.psql("create table v(x int)").unwrap();
+    let mut a = Raw::connect(p.rw());
+    a.send_with(|b| msg::put_query(b, "begin; insert into v values (1)"));
+    assert_eq!(a.until_ready().1, b'T');
+    drop(a);
+    let mut b = Raw::connect(p.rw());
+    b.send_with(|m| msg::put_query(m, "select count(*) from v"));
+    let got = b.until_ready_full();
+    assert_eq!(first_value(&got), "0", "the insert was rolled back");
+    assert_eq!(
+        got.last().unwrap().1,
+        b"I",
+        "not inside the vanished transaction"
+    );
+}
+
+/// LISTEN and SQL-level PREPARE leave state on the server that the
+/// client's later transactions need. In transaction mode such a client
+/// keeps its server (PgBouncer's lands on whichever is free: another
+/// client gets its notifications, its EXECUTE fails), the others share the
+/// rest of the pool, and the server is reset before anyone else gets it.
+#[test]
+fn listen_and_sql_prepare_keep_the_clients_server_and_it_is_reset_when_it_leaves() {
+    let (_sb, pg) = primary("px-pin");
+    let mut cfg = config(&pg, PoolMode::Transaction);
+    cfg.pool_size = 2;
+    cfg.checkout_timeout = Duration::from_secs(5);
+    let p = Running::start(cfg);
+    let mut a = Raw::connect(p.rw());
+    let listen_pid = a.query("listen ch; select pg_backend_pid()::text")[0].clone();
+    // B in a transaction holds a server: without the pin, the one A left.
+    let mut b = Raw::connect(p.rw());
+    b.query("begin");
+    let b_pid = b.query("select pg_backend_pid()::text")[0].clone();
+    assert_ne!(b_pid, listen_pid, "A's listening server was handed to B");
+    assert_eq!(a.query("select pg_backend_pid()::text")[0], listen_pid);
+    b.query("notify ch, 'hello'");
+    b.send_with(|m| msg::put_query(m, "commit"));
+    let got = b.until_ready_full();
+    assert!(
+        !got.iter().any(|(t, _)| *t == b'A'),
+        "B got A's notification"
+    );
+    a.send_with(|m| msg::put_query(m, "select 1"));
+    let got = a.until_ready_full();
+    let note = got
+        .iter()
+        .find(|(t, _)| *t == b'A')
+        .expect("A's notification reached A");
+    assert!(String::from_utf8_lossy(&note.1).contains("hello"));
+
+    a.query("prepare q as select 42");
+    b.query("begin");
+    b.send_with(|m| msg::put_query(m, "execute q"));
+    let got = b.until_ready_full();
+    assert_eq!(
+        error_code(&got).as_deref(),
+        Some("26000"),
+        "A's statement is not B's"
+    );
+    b.query("rollback");
+    assert_eq!(
+        a.query("execute q"),
+        ["42"],
+        "A's EXECUTE finds its statement"
+    );
+
+    let shared = p.handle().shared.clone();
+    let text = shared.metrics.render(&shared);
+    assert!(
+        text.lines()
+            .any(|l| l == "pgha_proxy_clients_pinned_total 1"),
+        "one client pinned once:\n{text}"
+    );
+
+    // A leaves: its server comes back reset. Both servers are looked at,
+    // one held by C while D gets the other.
+    drop(a);
+    let mut c = Raw::connect(p.rw());
+    let mut d = Raw::connect(p.rw());
+    c.query("begin");
+    for (who, r) in [("C", &mut c), ("D", &mut d)] {
+        let state = r.query(
+            "select (select count(*) from pg_listening_channels())::text || '/' || \
+             (select count(*) from pg_prepared_statements)::text",
+        );
+        assert_eq!(state, ["0/0"], "{who}'s server still has A's state");
+    }
+    c.query("commit");
+}
+
+/// A client that vanishes in the middle of a COPY FROM STDIN, or while its
+/// query runs inside a transaction, never leaves its server to the next
+/// client: the next one (pool of one) gets a clean server at once, the
+/// query is cancelled, and nothing the vanished client sent is committed.
+/// A statement outside a transaction block is left to finish.
+#[test]
+fn a_client_that_vanishes_mid_copy_or_mid_query_leaves_no_dirty_server() {
+    let (_sb, pg, p) = one_server("px-vanish-busy");
+    pg.psql("create table w(x int)").unwrap();
+
+    let mut a = Raw::connect(p.rw());
+    a.send_with(|b| msg::put_query(b, "copy w from stdin"));
+    assert_eq!(a.recv().0, b'G');
+    a.send_with(|b| msg::put_copy_data(b, b"1\n2\n"));
+    drop(a);
+    let mut b = Raw::connect(p.rw());
+    assert_eq!(b.query("select count(*) from w"), ["0"], "half a COPY");
+    b.send_with(|m| msg::put_query(m, "select 1"));
+    let (tags, status) = b.until_ready();
+    assert_eq!(
+        (tags, status),
+        (vec![b'T', b'D', b'C', b'Z'], b'I'),
+        "not inside the COPY"
+    );
+    drop(b);
+
+    let mut c = Raw::connect(p.rw());
+    c.query("begin");
+    c.send_with(|m| msg::put_query(m, "insert into w values (3); select pg_sleep(30)"));
+    let inserting = "query like 'insert into w%'";
+    wait_backends(pg.port(), inserting, 1);
+    let vanished = std::time::Instant::now();
+    drop(c);
+    // The proxy sees the client go while its query runs (it does not wait
+    // for the reply), cancels the query and closes that server.
+    wait_backends(pg.port(), inserting, 0);
+    let mut d = Raw::connect(p.rw());
+    assert_eq!(d.query("select count(*) from w"), ["0"], "rolled back");
+    assert!(
+        vanished.elapsed() < Duration::from_secs(10),
+        "the next client waited for the vanished one's query: {:?}",
+        vanished.elapsed()
+    );
+
+    // Outside a transaction block the statement runs on and commits, as
+    // it would had the client been connected directly.
+    let mut e = Raw::connect(p.rw());
+    e.send_with(|m| msg::put_query(m, "select pg_sleep(1); insert into w values (5)"));
+    wait_backends(pg.port(), "query like 'select pg_sleep(1); insert%'", 1);
+    drop(e);
+    wait_until(
+        "the vanished client's insert to commit",
+        Duration::from_secs(10),
+        || {
+            let n = pg.psql("select count(*) from w where x = 5");
+            Ok(matches!(n.as_deref(), Ok("1")).then_some(()))
+        },
+    )
+    .unwrap();
+}
