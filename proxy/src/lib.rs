@@ -22,6 +22,7 @@ pub mod reload;
 pub mod router;
 pub mod server;
 pub mod session;
+pub mod sets;
 pub mod sockopt;
 pub mod switchover;
 pub mod tls;

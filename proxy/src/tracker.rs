@@ -174,6 +174,12 @@ impl Tracker {
         }
     }
 
+    /// The server is answering a query the proxy sent itself (a settings
+    /// sync): its replies are not the client's.
+    pub fn in_hidden_query(&self) -> bool {
+        matches!(self.queue.front(), Some(Pending::HiddenQuery))
+    }
+
     /// Whether a server message of type `tag` needs no accounting and goes
     /// to the client as is: rows, notices and the like, outside the
     /// replies to the proxy's own queries. The common case, kept cheap.

@@ -215,6 +215,114 @@ fn listen_and_sql_prepare_keep_the_clients_server_and_it_is_reset_when_it_leaves
     c.query("commit");
 }
 
+/// How many clients the proxy pinned so far (`pgha_proxy_clients_pinned_total`).
+fn pinned(p: &Running) -> u64 {
+    let shared = p.handle().shared.clone();
+    let text = shared.metrics.render(&shared);
+    text.lines()
+        .find_map(|l| l.strip_prefix("pgha_proxy_clients_pinned_total "))
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+/// Whether B's next statement finds a free server (one pool slot: it
+/// cannot while a pinned client holds it) and, if it does, what it sees.
+fn next_client_sees(p: &Running, sql: &str) -> Result<String, String> {
+    let mut b = Raw::connect(p.rw());
+    b.send_with(|m| msg::put_query(m, sql));
+    let got = b.until_ready_full();
+    match error_code(&got) {
+        Some(code) => Err(code),
+        None => Ok(first_value(&got)),
+    }
+}
+
+/// In transaction mode a `SET` that may leave a session setting behind
+/// (a custom GUC, search_path, several statements in one Query, a SET run
+/// through the extended protocol) pins its client, so its server, and the
+/// setting, never reach another client; the next client gets the server
+/// only once the pinned one left (reset). `SET LOCAL` and settings the
+/// proxy carries itself (application_name) pin nothing. One pool slot, so
+/// without the pin the next client would get the very server.
+#[test]
+fn a_set_that_outlives_its_transaction_keeps_the_clients_server() {
+    let (_sb, pg) = primary("px-set");
+    let mut cfg = config(&pg, PoolMode::Transaction);
+    cfg.pool_size = 1;
+    cfg.checkout_timeout = Duration::from_millis(700);
+    let p = Running::start(cfg);
+    let tenant = "coalesce(nullif(current_setting('app.tenant', true), ''), '-') || ' ' || \
+                  current_setting('search_path') || ' ' || current_setting('work_mem')";
+    let defaults = next_client_sees(&p, &format!("select {tenant}")).unwrap();
+    assert!(defaults.starts_with("- "), "{defaults}");
+
+    // Harmless: transaction-scoped, or carried by the proxy.
+    let mut a = Raw::connect(p.rw());
+    a.query("begin");
+    a.query("set local app.tenant = 'a'");
+    a.query("set local search_path = tenant_a");
+    a.query("commit");
+    a.query("begin; set local work_mem = '9MB'; select 1 where 'x' = 'x;y'; commit");
+    a.query("set application_name = 'tenant-app'");
+    a.query("SET TIME ZONE 'Europe/Paris'");
+    assert_eq!(pinned(&p), 0);
+    assert_eq!(
+        next_client_sees(&p, &format!("select {tenant}")).as_deref(),
+        Ok(defaults.as_str()),
+        "SET LOCAL left nothing and pinned nothing"
+    );
+
+    // Once A left, its server comes back reset: what the next client sees.
+    let after_leaving = || {
+        wait_until(
+            "the pinned client's server back",
+            Duration::from_secs(10),
+            || Ok(next_client_sees(&p, &format!("select {tenant}")).ok()),
+        )
+        .unwrap()
+    };
+    for (how, sql) in [
+        ("a custom setting", "set app.tenant = 'a'"),
+        ("search_path", "SET search_path = tenant_a, public"),
+        (
+            "a SET among other statements",
+            "begin; set work_mem = '77MB'; commit",
+        ),
+    ] {
+        let before = pinned(&p);
+        let mut a = Raw::connect(p.rw());
+        a.query(sql);
+        let pid = a.query("select pg_backend_pid()::text");
+        let next = next_client_sees(&p, &format!("select {tenant}"));
+        assert!(
+            next.is_err(),
+            "{how}: another client got A's server: {next:?}"
+        );
+        assert_eq!(pinned(&p), before + 1, "{how} pins");
+        assert_eq!(a.query("select pg_backend_pid()::text"), pid, "{how}");
+        let mine = a.query(&format!("select {tenant}"));
+        assert_ne!(mine[0], defaults, "{how}: A's setting holds for A");
+        drop(a);
+        assert_eq!(after_leaving(), defaults, "{how}: reset when A left");
+    }
+
+    // Through the extended protocol (tokio-postgres prepares the SET as
+    // a named statement, then binds it).
+    let c = p.client_with(|_| {}).unwrap();
+    p.rt.block_on(c.execute("set search_path = tenant_c, public", &[]))
+        .unwrap();
+    assert_eq!(pinned(&p), 4);
+    let next = next_client_sees(&p, &format!("select {tenant}"));
+    assert!(
+        next.is_err(),
+        "extended SET: another client got C's server: {next:?}"
+    );
+    let mine =
+        p.rt.block_on(c.query_one("select current_setting('search_path')", &[]));
+    assert_eq!(mine.unwrap().get::<_, String>(0), "tenant_c, public");
+    drop(c);
+    assert_eq!(after_leaving(), defaults, "extended SET: reset when C left");
+}
+
 /// A client that vanishes in the middle of a COPY FROM STDIN, or while its
 /// query runs inside a transaction, never leaves its server to the next
 /// client: the next one (pool of one) gets a clean server at once, the

@@ -130,6 +130,8 @@ struct Session<C> {
     awaits_server: bool,
     /// A transaction-mode client that keeps its server from now on.
     pinned: bool,
+    /// Whether a `SET` now completing may leave a setting (see `sets`).
+    sets: crate::sets::SetWatch,
 }
 
 impl<C: ClientIo> Session<C> {

@@ -80,6 +80,9 @@ impl<C: ClientIo> Session<C> {
             };
             last = tag;
             let frame = &self.cbuf[held..held + len];
+            if tx && !self.pinned {
+                self.sets.client_message(tag, &frame[5..]);
+            }
             if !tx || !forward::names_a_statement(tag, &frame[5..]) {
                 co.conn.tracker.client_message(tag);
                 held += len;
@@ -131,7 +134,13 @@ impl<C: ClientIo> Session<C> {
             let (mut pos, mut run) = (0, 0);
             while let Some((tag, len)) = peek_frame(&conn.rbuf[pos..], MAX_SERVER_MESSAGE)? {
                 if tag == b'C' && tx && pin.is_none() {
-                    pin = pins(&conn.rbuf[pos + 5..pos + len]);
+                    let done = &conn.rbuf[pos + 5..pos + len];
+                    pin = pins(done).or_else(|| {
+                        (done == b"SET\0"
+                            && self.sets.set_may_linger()
+                            && !conn.tracker.in_hidden_query())
+                        .then_some("SET")
+                    });
                 }
                 if conn.tracker.passes(tag) || conn.tracker.settles(tag) {
                     pos += len;
@@ -197,6 +206,9 @@ impl<C: ClientIo> Session<C> {
             .server
             .as_ref()
             .is_some_and(|c| c.conn.tracker.is_free());
+        if free {
+            self.sets.settled();
+        }
         // The client's cancel key lets go of this server before the client
         // can see its ReadyForQuery: a cancel it sends after that must not
         // reach the server's next user.
@@ -218,7 +230,9 @@ impl<C: ClientIo> Session<C> {
 /// keeps that server, as in session mode (and it is reset with `DISCARD
 /// ALL` when the client leaves). Told by the server's CommandComplete tag,
 /// not guessed from SQL text: `LISTEN` (notifications come on that
-/// server), SQL-level `PREPARE` (`EXECUTE` needs that server).
+/// server), SQL-level `PREPARE` (`EXECUTE` needs that server). A `SET`
+/// tag pins too when the statements in flight may have left a setting
+/// the proxy does not carry (see `sets`).
 fn pins(tag: &[u8]) -> Option<&'static str> {
     match tag {
         b"LISTEN\0" => Some("LISTEN"),

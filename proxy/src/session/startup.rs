@@ -359,6 +359,7 @@ where
         cache_epoch: 0,
         awaits_server: false,
         pinned: false,
+        sets: Default::default(),
     };
     // The greeting is built in the session's client buffer, the node's
     // ParameterStatus between AuthenticationOk and BackendKeyData.
