@@ -1,71 +1,214 @@
-//! Which client statements may leave a session setting behind on a server.
+//! Which client statements may leave session state behind on a server.
 //!
 //! In transaction mode a server goes to the next client after each
-//! transaction; a plain `SET search_path = tenant_a` or `SET app.tenant =
-//! 'a'` would go with it (PgBouncer's documented leak). The proxy pins a
-//! client whose `SET` may have left state the proxy does not carry itself
-//! (see `relay::pins`). What it carries, or what cannot outlive the
-//! transaction, is told apart from the statement text, conservatively: a
-//! statement counts as harmless only when it is one lone `SET LOCAL`,
-//! `SET TRANSACTION`, or `SET` of a setting `vars` carries; anything else
-//! that spells "set" and completes with a `SET` tag pins. May call:
-//! `vars`, `memchr`.
+//! transaction; session state made there would go with it (PgBouncer's
+//! documented leak): a plain `SET search_path = tenant_a` or `SET
+//! app.tenant = 'a'`, a temporary table, a session advisory lock, a `WITH
+//! HOLD` cursor. The proxy pins a client whose statements may have left
+//! such state (see `relay::pins`): the client keeps its server, and the
+//! server is reset when it leaves. What cannot outlive its transaction, or
+//! what the proxy carries itself (`vars`), pins nothing, told apart from
+//! the statement text, conservatively: `SET LOCAL`, `SET TRANSACTION`, a
+//! `SET` of a setting `vars` carries, `CREATE TEMP ... ON COMMIT DROP`,
+//! cursors without `HOLD`, `pg_advisory_xact_lock`. Text the simple
+//! statement splitter here cannot follow counts as leaving state.
+//! May call: `vars`, `aho-corasick`.
+
+use std::sync::OnceLock;
+
+use aho_corasick::AhoCorasick;
 
 use crate::vars::Vars;
 
-/// Whether `sql` (one or several statements) could leave a session
-/// setting the proxy does not carry: some statement in it is a `SET` and
-/// not a harmless one. Statements are split at semicolons outside
-/// single quotes; text this simple splitter cannot follow (double quotes,
-/// dollar quotes, backslashes, comments) counts as leaving one. Cheap for
-/// the common statement: one SIMD scan finds no "set".
-pub fn may_leave_setting(sql: &[u8]) -> bool {
-    if !spells_set(sql) {
-        return false;
-    }
-    let Ok(sql) = std::str::from_utf8(sql) else {
-        return true;
-    };
-    // Only a statement that starts with SET can complete with a SET tag.
-    let leaves = |stmt: &str| {
-        let first = stmt.split_whitespace().next().unwrap_or_default();
-        first.eq_ignore_ascii_case("set") && !harmless_set(stmt)
-    };
-    let bytes = sql.as_bytes();
-    let (mut start, mut quoted) = (0, false);
-    for (i, &b) in bytes.iter().enumerate() {
-        let next = bytes.get(i + 1).copied();
-        match b {
-            b'\'' => quoted = !quoted,
-            b'"' | b'$' | b'\\' => return true,
-            b'-' if !quoted && next == Some(b'-') => return true,
-            b'/' if !quoted && next == Some(b'*') => return true,
-            b';' if !quoted => {
-                if leaves(&sql[start..i]) {
-                    return true;
-                }
-                start = i + 1;
-            }
-            _ => {}
-        }
-    }
-    quoted || leaves(&sql[start..])
+/// What a client message may leave on its server.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Leaves {
+    /// A setting the proxy does not carry, once its `SET` completes.
+    pub setting: bool,
+    /// Other session state (its name, for the log), once any of the
+    /// message's statements completes.
+    pub state: Option<&'static str>,
 }
 
-/// "set" in any letter case, anywhere: a SET statement cannot be written
-/// without it.
-fn spells_set(sql: &[u8]) -> bool {
-    memchr::memchr2_iter(b's', b'S', sql).any(|i| {
-        sql.get(i + 1..i + 3)
-            .is_some_and(|et| et.eq_ignore_ascii_case(b"et"))
+impl Leaves {
+    fn or(self, other: Leaves) -> Leaves {
+        Leaves {
+            setting: self.setting || other.setting,
+            state: self.state.or(other.state),
+        }
+    }
+}
+
+/// The words any of these statements must contain, in any letter case.
+const WORDS: [&str; 4] = ["set", "temp", "hold", "advisory_lock"];
+const SET: usize = 0;
+const TEMP: usize = 1;
+const HOLD: usize = 2;
+const ADVISORY: usize = 3;
+
+const TEMP_OBJECT: &str = "a temporary object";
+const HELD_CURSOR: &str = "a WITH HOLD cursor";
+const ADVISORY_LOCK: &str = "a session advisory lock";
+
+fn words() -> &'static AhoCorasick {
+    static AC: OnceLock<AhoCorasick> = OnceLock::new();
+    AC.get_or_init(|| {
+        AhoCorasick::builder()
+            .ascii_case_insensitive(true)
+            .build(WORDS)
+            .expect("four fixed words build")
     })
+}
+
+/// What `sql` (one or several statements) may leave on its server. One
+/// scan finds none of the words for the common statement; only a text
+/// that has one is split into statements (at semicolons outside quotes
+/// and comments) and looked at word by word. A text the splitter cannot
+/// follow leaves whatever its words say it might.
+pub fn leaves(sql: &[u8]) -> Leaves {
+    let mut found = [false; WORDS.len()];
+    for m in words().find_overlapping_iter(sql) {
+        found[m.pattern().as_usize()] = true;
+    }
+    if !found.iter().any(|&f| f) {
+        return Leaves::default();
+    }
+    // pg_advisory_lock, pg_try_advisory_lock and their _shared forms; the
+    // transaction-scoped ones are spelled advisory_xact_lock.
+    let advisory = Leaves {
+        setting: false,
+        state: found[ADVISORY].then_some(ADVISORY_LOCK),
+    };
+    let unsure = Leaves {
+        setting: found[SET],
+        state: if found[TEMP] {
+            Some(TEMP_OBJECT)
+        } else if found[HOLD] {
+            Some(HELD_CURSOR)
+        } else {
+            None
+        },
+    };
+    let Ok(sql) = std::str::from_utf8(sql) else {
+        return unsure.or(advisory);
+    };
+    let mut out = advisory;
+    let followed = each_statement(sql, |stmt| out = out.or(statement_leaves(stmt)));
+    if followed {
+        out
+    } else {
+        unsure.or(advisory)
+    }
+}
+
+/// Calls `f` with each statement of `sql`, comments blanked out; false
+/// (having stopped) when the text has what this splitter cannot follow
+/// (nested comments, backslashes, an unterminated quote or comment).
+/// Follows single and double quotes, dollar quotes and `$1` parameters.
+fn each_statement(sql: &str, mut f: impl FnMut(&str)) -> bool {
+    let b = sql.as_bytes();
+    let mut stmt = String::new();
+    let (mut start, mut i) = (0, 0);
+    while i < b.len() {
+        match b[i] {
+            q @ (b'\'' | b'"') => match b[i + 1..].iter().position(|&c| c == q) {
+                // A doubled quote inside is two quoted runs back to back.
+                Some(n) if !b[i + 1..i + 1 + n].contains(&b'\\') => i += n + 2,
+                _ => return false,
+            },
+            b'$' if b.get(i + 1).is_some_and(u8::is_ascii_digit) => i += 1,
+            b'$' => {
+                let tag_len = b[i + 1..]
+                    .iter()
+                    .position(|&c| !(c.is_ascii_alphanumeric() || c == b'_'))
+                    .filter(|&n| b.get(i + 1 + n) == Some(&b'$'));
+                let Some(n) = tag_len else { return false };
+                let tag = &sql[i..i + n + 2];
+                match sql[i + n + 2..].find(tag) {
+                    Some(m) => i += n + 2 + m + tag.len(),
+                    None => return false,
+                }
+            }
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                let end = b[i..]
+                    .iter()
+                    .position(|&c| c == b'\n')
+                    .map_or(b.len(), |n| i + n);
+                stmt.push_str(&sql[start..i]);
+                stmt.push(' ');
+                (start, i) = (end, end);
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                let Some(n) = sql[i + 2..].find("*/") else {
+                    return false;
+                };
+                if sql[i + 2..i + 2 + n].contains("/*") {
+                    return false;
+                }
+                stmt.push_str(&sql[start..i]);
+                stmt.push(' ');
+                i += n + 4;
+                start = i;
+            }
+            b';' => {
+                stmt.push_str(&sql[start..i]);
+                f(&stmt);
+                stmt.clear();
+                i += 1;
+                start = i;
+            }
+            b'\\' => return false,
+            _ => i += 1,
+        }
+    }
+    stmt.push_str(&sql[start..]);
+    f(&stmt);
+    true
+}
+
+/// What one statement (no comments, no semicolon) may leave.
+fn statement_leaves(stmt: &str) -> Leaves {
+    let mut words = stmt.split_whitespace();
+    let first = words.next().unwrap_or_default();
+    let is = |w: &str, k: &str| w.eq_ignore_ascii_case(k);
+    let nothing = Leaves::default();
+    if is(first, "set") {
+        return Leaves {
+            setting: !harmless_set(stmt),
+            state: None,
+        };
+    }
+    let rest: Vec<&str> = words.collect();
+    let has = |k: &str| rest.iter().any(|w| is(w, k));
+    let has_run = |ks: &[&str]| {
+        rest.windows(ks.len())
+            .any(|w| w.iter().zip(ks).all(|(a, b)| is(a, b)))
+    };
+    if is(first, "create") {
+        // CREATE [OR REPLACE] [GLOBAL | LOCAL] {TEMP | TEMPORARY} ...
+        let temp = rest
+            .iter()
+            .take(4)
+            .any(|w| is(w, "temp") || is(w, "temporary"));
+        return Leaves {
+            setting: false,
+            state: (temp && !has_run(&["on", "commit", "drop"])).then_some(TEMP_OBJECT),
+        };
+    }
+    if is(first, "declare") && has("hold") && !has_run(&["without", "hold"]) {
+        return Leaves {
+            setting: false,
+            state: Some(HELD_CURSOR),
+        };
+    }
+    nothing
 }
 
 /// `SET LOCAL ...`, `SET TRANSACTION ...`, or `SET [SESSION] name {TO|=}
 /// ...` / `SET TIME ZONE` / `SET NAMES` for a setting `vars` carries. A
 /// quoted name is not harmless.
 fn harmless_set(sql: &str) -> bool {
-    // One statement, without comments (see `may_leave_setting`).
+    // One statement, without comments (see `each_statement`).
     let body = sql.trim_end_matches(|c: char| c.is_whitespace() || c == '\0');
     let mut words = body.split_whitespace();
     if !words.next().is_some_and(|w| w.eq_ignore_ascii_case("set")) {
@@ -98,55 +241,63 @@ fn harmless_set(sql: &str) -> bool {
                 .is_some_and(|w| w.starts_with('=') || w.eq_ignore_ascii_case("to")))
 }
 
-/// What the client has in flight that may leave a setting behind, in
+/// What the client has in flight that may leave session state, in
 /// transaction mode. Judged per message as it goes to the server; cleared
-/// only once the server has answered everything (so a `SET` tag is always
-/// judged against every message that could have produced it).
+/// only once the server has answered everything (so a completion is
+/// always judged against every message that could have produced it).
 #[derive(Debug, Default)]
 pub struct SetWatch {
-    /// A message since the server was last free may leave a setting.
-    in_flight: bool,
-    /// The client's unnamed statement may (Bind runs it again later).
-    unnamed: bool,
-    /// Some named statement of the client's may.
-    named: bool,
+    /// Messages since the server was last free.
+    in_flight: Leaves,
+    /// The client's unnamed statement (Bind runs it again later).
+    unnamed: Leaves,
+    /// Some named statement of the client's.
+    named: Leaves,
 }
 
 impl SetWatch {
     /// Notes a client message on its way to the server.
     pub fn client_message(&mut self, tag: u8, body: &[u8]) {
+        let none = Leaves::default();
         match tag {
-            b'Q' => self.in_flight |= may_leave_setting(body.strip_suffix(b"\0").unwrap_or(body)),
+            b'Q' => {
+                let l = leaves(body.strip_suffix(b"\0").unwrap_or(body));
+                self.in_flight = self.in_flight.or(l);
+            }
             b'P' => {
                 let (name, sql) = parse_sql(body);
-                let leaves = may_leave_setting(sql);
+                let l = leaves(sql);
                 if name.is_empty() {
-                    self.unnamed = leaves;
+                    self.unnamed = l;
                 } else {
-                    self.named |= leaves;
+                    self.named = self.named.or(l);
                 }
-                self.in_flight |= leaves;
+                self.in_flight = self.in_flight.or(l);
             }
-            b'B' if self.unnamed || self.named => {
-                let unclear = if bind_statement(body).is_empty() {
+            b'B' if self.unnamed != none || self.named != none => {
+                let l = if bind_statement(body).is_empty() {
                     self.unnamed
                 } else {
                     self.named
                 };
-                self.in_flight |= unclear;
+                self.in_flight = self.in_flight.or(l);
             }
             _ => {}
         }
     }
 
-    /// A `SET` completed: whether it may have left a setting behind.
-    pub fn set_may_linger(&self) -> bool {
-        self.in_flight
+    /// A statement completed with `tag` (CommandComplete's, NUL ended):
+    /// the session state it may have left, if any.
+    pub fn completed(&self, tag: &[u8]) -> Option<&'static str> {
+        if tag == b"SET\0" && self.in_flight.setting {
+            return Some("SET");
+        }
+        self.in_flight.state
     }
 
     /// The server has answered everything the client sent.
     pub fn settled(&mut self) {
-        self.in_flight = false;
+        self.in_flight = Leaves::default();
     }
 }
 
@@ -170,6 +321,14 @@ pub fn bind_statement(body: &[u8]) -> &[u8] {
 mod tests {
     use super::*;
 
+    fn setting(sql: &str) -> bool {
+        leaves(sql.as_bytes()).setting
+    }
+
+    fn state(sql: &str) -> Option<&'static str> {
+        leaves(sql.as_bytes()).state
+    }
+
     #[test]
     fn statements_that_may_leave_a_setting() {
         for sql in [
@@ -181,22 +340,25 @@ mod tests {
             "begin; set work_mem = '64MB'; commit",
             "SET LOCAL a = 1; SET b = 2",
             "select 'it''s'; set b = 'x;y'",
-            "/* x */ SET LOCAL a = 1",
-            "SET LOCAL a = 1 -- why",
-            "SET LOCAL a = $$x$$",
+            "/* x */ SET search_path = a",
+            "-- why\nSET search_path = a",
+            "select $$;$$; set work_mem = '1GB'",
+            "select 'a\\'; set local x = 1",
             "SET LOCAL a = 'unterminated",
+            "/* /* nested */ */ SET LOCAL a = 1",
             "SET \"TimeZone\" = 'UTC'",
             "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
             "sEt\tapplication_name_x = 'a'",
         ] {
-            assert!(may_leave_setting(sql.as_bytes()), "{sql}");
+            assert!(setting(sql), "{sql}");
         }
     }
 
     #[test]
-    fn statements_that_cannot() {
+    fn statements_that_cannot_leave_a_setting() {
         for sql in [
             "SELECT abalance FROM pgbench_accounts WHERE aid = 1",
+            "UPDATE t SET x = 1",
             "SET LOCAL statement_timeout = '1s'",
             "set local app.tenant = 'a';",
             "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
@@ -210,35 +372,90 @@ mod tests {
             "SET LOCAL app.x = 'a;b'",
             "begin; set local app.tenant = 'a'; select 1; commit",
             "BEGIN;SET LOCAL search_path = t;UPDATE x SET y = 'it''s';COMMIT;",
+            "select 1",
+            "/* x */ SET LOCAL a = 1",
+            "SET LOCAL a = 1 -- why",
+            "SET LOCAL a = $$x;y$$",
+            "SET LOCAL a = $q$x$q$; select $1",
+            "select \"set\"; SET LOCAL a = 'b'",
         ] {
-            assert!(!may_leave_setting(sql.as_bytes()), "{sql}");
+            assert!(!setting(sql), "{sql}");
         }
-        assert!(!may_leave_setting(b"UPDATE t SET x = 1"));
-        assert!(!may_leave_setting(b"select 1"));
     }
 
     #[test]
-    fn a_set_tag_is_judged_by_everything_in_flight() {
+    fn temporary_objects_held_cursors_and_session_advisory_locks() {
+        for (sql, what) in [
+            ("create temp table t (x int)", TEMP_OBJECT),
+            ("CREATE TEMPORARY TABLE t AS SELECT 1", TEMP_OBJECT),
+            ("create or replace temp view v as select 1", TEMP_OBJECT),
+            ("CREATE LOCAL TEMP SEQUENCE s", TEMP_OBJECT),
+            ("begin; create temp table t (x int); commit", TEMP_OBJECT),
+            ("declare c cursor with hold for select 1", HELD_CURSOR),
+            (
+                "DECLARE c SCROLL CURSOR WITH HOLD FOR SELECT 1",
+                HELD_CURSOR,
+            ),
+            ("select pg_advisory_lock(1)", ADVISORY_LOCK),
+            ("SELECT PG_TRY_ADVISORY_LOCK(1, 2)", ADVISORY_LOCK),
+            ("select pg_advisory_lock_shared(1)", ADVISORY_LOCK),
+            ("/* a */ create temp table t (x int)", TEMP_OBJECT),
+            ("select 1 /* /* temp */", TEMP_OBJECT),
+        ] {
+            assert_eq!(state(sql), Some(what), "{sql}");
+        }
+        for sql in [
+            "create temp table t (x int) on commit drop",
+            "create table temperatures (x int)",
+            "select * from temp_readings",
+            "declare c cursor for select 1",
+            "declare c cursor without hold for select 1",
+            "select pg_advisory_xact_lock(1)",
+            "select pg_try_advisory_xact_lock(1)",
+            "select pg_advisory_unlock(1)",
+            "select holders from t",
+            "select \"holdings\".* from \"holdings\" /* template */",
+            "select 1 -- temp",
+        ] {
+            assert_eq!(state(sql), None, "{sql}");
+        }
+    }
+
+    #[test]
+    fn a_completion_is_judged_by_everything_in_flight() {
         let mut w = SetWatch::default();
         w.client_message(b'Q', b"SET LOCAL statement_timeout = 1\0");
-        assert!(!w.set_may_linger());
+        assert_eq!(w.completed(b"SET\0"), None);
         w.client_message(b'Q', b"SET app.tenant = 'a'\0");
-        assert!(w.set_may_linger(), "a later SET in flight counts");
+        assert_eq!(w.completed(b"SET\0"), Some("SET"), "a later SET in flight");
+        assert_eq!(w.completed(b"SELECT 1\0"), None, "only a SET tag sets");
         w.settled();
-        assert!(!w.set_may_linger());
+        assert_eq!(w.completed(b"SET\0"), None);
         // Parsed once, run again by a later Bind.
         w.client_message(b'P', b"\0SET app.tenant = $1\0\0\0");
         w.settled();
         w.client_message(b'B', b"\0\0\0\0\0\0\0\0");
-        assert!(w.set_may_linger(), "the unnamed SET bound again");
+        assert_eq!(
+            w.completed(b"SET\0"),
+            Some("SET"),
+            "the unnamed SET bound again"
+        );
         w.settled();
         w.client_message(b'P', b"\0select 1\0\0\0");
         w.client_message(b'B', b"\0\0\0\0\0\0\0\0");
-        assert!(!w.set_may_linger(), "the unnamed statement was replaced");
-        w.client_message(b'P', b"s1\0SET work_mem = '1GB'\0\0\0");
+        assert_eq!(
+            w.completed(b"SET\0"),
+            None,
+            "the unnamed statement was replaced"
+        );
+        w.client_message(b'P', b"s1\0select pg_advisory_lock($1)\0\0\0");
         w.settled();
         w.client_message(b'B', b"\0s1\0\0\0\0\0\0\0");
-        assert!(w.set_may_linger(), "a named SET bound again");
+        assert_eq!(
+            w.completed(b"SELECT 1\0"),
+            Some(ADVISORY_LOCK),
+            "a named lock bound again"
+        );
     }
 
     #[test]

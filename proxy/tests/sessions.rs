@@ -236,22 +236,27 @@ fn next_client_sees(p: &Running, sql: &str) -> Result<String, String> {
     }
 }
 
-/// In transaction mode a `SET` that may leave a session setting behind
-/// (a custom GUC, search_path, several statements in one Query, a SET run
-/// through the extended protocol) pins its client, so its server, and the
-/// setting, never reach another client; the next client gets the server
-/// only once the pinned one left (reset). `SET LOCAL` and settings the
-/// proxy carries itself (application_name) pin nothing. One pool slot, so
-/// without the pin the next client would get the very server.
+/// In transaction mode a statement that may leave session state behind
+/// (a SET of a custom GUC or search_path, alone, among other statements
+/// or through the extended protocol; a temporary table; a session
+/// advisory lock; a WITH HOLD cursor) pins its client, so its server and
+/// the state never reach another client; the next client gets the server
+/// only once the pinned one left (reset). What ends with its transaction
+/// (SET LOCAL, ON COMMIT DROP, xact locks, plain cursors) and settings the
+/// proxy carries itself (application_name, TimeZone) pin nothing. One pool
+/// slot, so without the pin the next client would get the very server.
 #[test]
-fn a_set_that_outlives_its_transaction_keeps_the_clients_server() {
+fn session_state_that_outlives_its_transaction_keeps_the_clients_server() {
     let (_sb, pg) = primary("px-set");
     let mut cfg = config(&pg, PoolMode::Transaction);
     cfg.pool_size = 1;
     cfg.checkout_timeout = Duration::from_millis(700);
     let p = Running::start(cfg);
     let tenant = "coalesce(nullif(current_setting('app.tenant', true), ''), '-') || ' ' || \
-                  current_setting('search_path') || ' ' || current_setting('work_mem')";
+        current_setting('search_path') || ' ' || current_setting('work_mem') || ' ' || \
+        (select count(*) from pg_class where relnamespace = pg_my_temp_schema()) || ' ' || \
+        (select count(*) from pg_cursors where is_holdable) || ' ' || \
+        (select count(*) from pg_locks where locktype = 'advisory' and pid = pg_backend_pid())";
     let defaults = next_client_sees(&p, &format!("select {tenant}")).unwrap();
     assert!(defaults.starts_with("- "), "{defaults}");
 
@@ -262,6 +267,11 @@ fn a_set_that_outlives_its_transaction_keeps_the_clients_server() {
     a.query("set local search_path = tenant_a");
     a.query("commit");
     a.query("begin; set local work_mem = '9MB'; select 1 where 'x' = 'x;y'; commit");
+    a.query("begin; create temp table t1 (x int) on commit drop; commit");
+    a.query("begin");
+    a.query("select pg_advisory_xact_lock(7)");
+    a.query("declare c1 cursor for select 1");
+    a.query("commit");
     a.query("set application_name = 'tenant-app'");
     a.query("SET TIME ZONE 'Europe/Paris'");
     assert_eq!(pinned(&p), 0);
@@ -287,6 +297,15 @@ fn a_set_that_outlives_its_transaction_keeps_the_clients_server() {
             "a SET among other statements",
             "begin; set work_mem = '77MB'; commit",
         ),
+        (
+            "a temporary table",
+            "/* app */ create temp table t2 (x int)",
+        ),
+        ("a session advisory lock", "select pg_advisory_lock(42)"),
+        (
+            "a WITH HOLD cursor",
+            "declare c2 cursor with hold for select 1",
+        ),
     ] {
         let before = pinned(&p);
         let mut a = Raw::connect(p.rw());
@@ -310,7 +329,7 @@ fn a_set_that_outlives_its_transaction_keeps_the_clients_server() {
     let c = p.client_with(|_| {}).unwrap();
     p.rt.block_on(c.execute("set search_path = tenant_c, public", &[]))
         .unwrap();
-    assert_eq!(pinned(&p), 4);
+    assert_eq!(pinned(&p), 7);
     let next = next_client_sees(&p, &format!("select {tenant}"));
     assert!(
         next.is_err(),

@@ -136,10 +136,10 @@ impl<C: ClientIo> Session<C> {
                 if tag == b'C' && tx && pin.is_none() {
                     let done = &conn.rbuf[pos + 5..pos + len];
                     pin = pins(done).or_else(|| {
-                        (done == b"SET\0"
-                            && self.sets.set_may_linger()
-                            && !conn.tracker.in_hidden_query())
-                        .then_some("SET")
+                        // The proxy's own settings sync is not the client's.
+                        (!conn.tracker.in_hidden_query())
+                            .then(|| self.sets.completed(done))
+                            .flatten()
                     });
                 }
                 if conn.tracker.passes(tag) || conn.tracker.settles(tag) {
@@ -230,9 +230,10 @@ impl<C: ClientIo> Session<C> {
 /// keeps that server, as in session mode (and it is reset with `DISCARD
 /// ALL` when the client leaves). Told by the server's CommandComplete tag,
 /// not guessed from SQL text: `LISTEN` (notifications come on that
-/// server), SQL-level `PREPARE` (`EXECUTE` needs that server). A `SET`
-/// tag pins too when the statements in flight may have left a setting
-/// the proxy does not carry (see `sets`).
+/// server), SQL-level `PREPARE` (`EXECUTE` needs that server). Any
+/// completion pins too when the statements in flight may have left other
+/// session state (a setting the proxy does not carry, a temporary table,
+/// an advisory lock, a held cursor: see `sets`).
 fn pins(tag: &[u8]) -> Option<&'static str> {
     match tag {
         b"LISTEN\0" => Some("LISTEN"),
