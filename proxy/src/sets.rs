@@ -12,7 +12,7 @@
 //! `SET` of a setting `vars` carries, `CREATE TEMP ... ON COMMIT DROP`,
 //! cursors without `HOLD`, `pg_advisory_xact_lock`. Text the simple
 //! statement splitter here cannot follow counts as leaving state.
-//! May call: `vars`, `aho-corasick`.
+//! May call: `vars`, `aho-corasick`, `memchr`.
 
 use std::sync::OnceLock;
 
@@ -60,14 +60,93 @@ fn words() -> &'static AhoCorasick {
     })
 }
 
-/// What `sql` (one or several statements) may leave on its server. One
-/// scan finds none of the words for the common statement; only a text
-/// that has one is split into statements (at semicolons outside quotes
-/// and comments) and looked at word by word. A text the splitter cannot
-/// follow leaves whatever its words say it might.
+/// What `sql` (one or several statements) may leave on its server. The
+/// common statement is told by its first word (`plain_start`) and by
+/// having no `;` but at its end; other text is split into statements (at semicolons outside quotes and
+/// comments) and looked at word by word. A text the splitter cannot follow
+/// leaves whatever its words say it might.
 pub fn leaves(sql: &[u8]) -> Leaves {
+    let Some(rest) = plain_start(sql) else {
+        return leaves_any(sql);
+    };
+    // One scan for both: a `;` before the end, and advisory_lock's `v`.
+    let mut lock = false;
+    for i in memchr::memchr3_iter(b';', b'v', b'V', rest) {
+        if rest[i] == b';' {
+            if !rest[i..]
+                .iter()
+                .all(|b| *b == b';' || b.is_ascii_whitespace())
+            {
+                return leaves_any(sql);
+            }
+            break;
+        }
+        lock = lock || advisory_at(rest, i);
+    }
+    Leaves {
+        setting: false,
+        state: lock.then_some(ADVISORY_LOCK),
+    }
+}
+
+/// [`leaves`] for the text of a Parse, one statement by the protocol's rule
+/// (the server refuses more).
+pub fn statement_leaves_state(sql: &[u8]) -> Leaves {
+    match plain_start(sql) {
+        Some(rest) => plain(rest),
+        None => leaves_any(sql),
+    }
+}
+
+/// A plain statement leaves state only through the advisory lock functions.
+fn plain(sql: &[u8]) -> Leaves {
+    Leaves {
+        setting: false,
+        state: advisory_lock(sql).then_some(ADVISORY_LOCK),
+    }
+}
+
+/// The common statement, told cheaply by its first word: not a comment and
+/// not `SET`, `CREATE` or `DECLARE`, the only statements that can leave
+/// state but for the advisory lock functions. Returns it from that word
+/// on; `None` for anything else.
+fn plain_start(sql: &[u8]) -> Option<&[u8]> {
+    let start = sql.iter().position(|b| !b.is_ascii_whitespace())?;
+    let sql = &sql[start..];
+    if sql.starts_with(b"--") || sql.starts_with(b"/*") {
+        return None;
+    }
+    let word_end = sql
+        .iter()
+        .position(|b| !b.is_ascii_alphabetic())
+        .unwrap_or(sql.len());
+    let first = &sql[..word_end];
+    let keyword = [&b"set"[..], b"create", b"declare"]
+        .iter()
+        .any(|k| first.eq_ignore_ascii_case(k));
+    (!keyword).then_some(sql)
+}
+
+/// `advisory_lock` in any letter case (pg_advisory_lock, pg_try_advisory_lock
+/// and their _shared forms; not advisory_xact_lock or advisory_unlock),
+/// found from its rare `v`.
+fn advisory_lock(sql: &[u8]) -> bool {
+    memchr::memchr2_iter(b'v', b'V', sql).any(|i| advisory_at(sql, i))
+}
+
+/// `advisory_lock` around the `v` at `i`.
+fn advisory_at(sql: &[u8], i: usize) -> bool {
+    i >= 2
+        && sql
+            .get(i - 2..i + 11)
+            .is_some_and(|w| w.eq_ignore_ascii_case(b"advisory_lock"))
+}
+
+/// [`leaves`] for any text: the words found in one scan, and only then the
+/// statements looked at one by one.
+fn leaves_any(sql: &[u8]) -> Leaves {
     let mut found = [false; WORDS.len()];
-    for m in words().find_overlapping_iter(sql) {
+    for m in words().find_iter(sql) {
         found[m.pattern().as_usize()] = true;
     }
     if !found.iter().any(|&f| f) {
@@ -253,6 +332,9 @@ pub struct SetWatch {
     unnamed: Leaves,
     /// Some named statement of the client's.
     named: Leaves,
+    /// The text (NUL ended) of the last unnamed Parse, whose verdict is
+    /// `unnamed`: drivers send the same one for every execution.
+    last_unnamed: Vec<u8>,
 }
 
 impl SetWatch {
@@ -265,10 +347,20 @@ impl SetWatch {
                 self.in_flight = self.in_flight.or(l);
             }
             b'P' => {
+                let again = body.first() == Some(&0)
+                    && !self.last_unnamed.is_empty()
+                    && body[1..].starts_with(&self.last_unnamed);
+                if again {
+                    self.in_flight = self.in_flight.or(self.unnamed);
+                    return;
+                }
                 let (name, sql) = parse_sql(body);
-                let l = leaves(sql);
+                let l = statement_leaves_state(sql);
                 if name.is_empty() {
                     self.unnamed = l;
+                    self.last_unnamed.clear();
+                    self.last_unnamed.extend_from_slice(sql);
+                    self.last_unnamed.push(0);
                 } else {
                     self.named = self.named.or(l);
                 }
@@ -303,9 +395,9 @@ impl SetWatch {
 
 /// The SQL of a Parse body (statement name, then the text).
 pub fn parse_sql(body: &[u8]) -> (&[u8], &[u8]) {
-    let name_end = body.iter().position(|&b| b == 0).unwrap_or(body.len());
+    let name_end = memchr::memchr(0, body).unwrap_or(body.len());
     let rest = body.get(name_end + 1..).unwrap_or_default();
-    let sql_end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+    let sql_end = memchr::memchr(0, rest).unwrap_or(rest.len());
     (&body[..name_end], &rest[..sql_end])
 }
 
@@ -400,7 +492,7 @@ mod tests {
             ("SELECT PG_TRY_ADVISORY_LOCK(1, 2)", ADVISORY_LOCK),
             ("select pg_advisory_lock_shared(1)", ADVISORY_LOCK),
             ("/* a */ create temp table t (x int)", TEMP_OBJECT),
-            ("select 1 /* /* temp */", TEMP_OBJECT),
+            ("/* /* nested */ create temp table t (x int)", TEMP_OBJECT),
         ] {
             assert_eq!(state(sql), Some(what), "{sql}");
         }
@@ -448,6 +540,15 @@ mod tests {
             None,
             "the unnamed statement was replaced"
         );
+        w.client_message(b'P', b"\0select 1\0\0\0");
+        assert_eq!(w.completed(b"SET\0"), None, "the same text again");
+        w.client_message(b'P', b"\0select 1 + pg_advisory_lock(1)\0\0\0");
+        assert_eq!(
+            w.completed(b"SELECT 1\0"),
+            Some(ADVISORY_LOCK),
+            "a text that starts alike is not the same"
+        );
+        w.settled();
         w.client_message(b'P', b"s1\0select pg_advisory_lock($1)\0\0\0");
         w.settled();
         w.client_message(b'B', b"\0s1\0\0\0\0\0\0\0");
@@ -456,6 +557,47 @@ mod tests {
             Some(ADVISORY_LOCK),
             "a named lock bound again"
         );
+    }
+
+    /// Every mix of the characters the splitter cares about, short texts
+    /// (it indexes only at ASCII bytes, so multi-byte text is in the mix).
+    #[test]
+    fn no_text_makes_it_panic() {
+        use rand::{Rng, SeedableRng};
+        let alphabet = [
+            "'",
+            "\"",
+            "$",
+            "$1",
+            "$q$",
+            "-",
+            "--",
+            "/*",
+            "*/",
+            "*",
+            "/",
+            ";",
+            "\\",
+            "\n",
+            " ",
+            "set ",
+            "SET LOCAL ",
+            "temp",
+            "create ",
+            "declare ",
+            "hold",
+            "advisory_lock",
+            "é",
+            "x",
+        ];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for _ in 0..20_000 {
+            let n = rng.gen_range(0..12);
+            let text: String = (0..n)
+                .map(|_| alphabet[rng.gen_range(0..alphabet.len())])
+                .collect();
+            let _ = leaves(text.as_bytes());
+        }
     }
 
     #[test]

@@ -256,9 +256,12 @@ fn parse_params(body: &[u8]) -> Result<StartupParams, ProtocolError> {
 pub fn fuzz_all(data: &[u8]) {
     let mut buf = BytesMut::from(data);
     while let Ok(Some(_)) = split_startup(&mut buf) {}
+    let _ = crate::sets::leaves(data);
+    let mut sets = crate::sets::SetWatch::default();
     let mut buf = BytesMut::from(data);
     while let Ok(Some(f)) = split_frame(&mut buf, 1 << 20) {
         let body = f.body();
+        sets.client_message(f.tag(), body);
         let _ = messages::ready_status(body);
         let _ = messages::backend_key(body);
         let _ = messages::error_fields(body);
