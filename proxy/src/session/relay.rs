@@ -80,7 +80,7 @@ impl<C: ClientIo> Session<C> {
             };
             last = tag;
             let frame = &self.cbuf[held..held + len];
-            if tx && !self.pinned {
+            if tx && !self.pinned && matches!(tag, b'Q' | b'P' | b'B') {
                 self.sets.client_message(tag, &frame[5..]);
             }
             if !tx || !forward::names_a_statement(tag, &frame[5..]) {
