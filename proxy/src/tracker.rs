@@ -187,7 +187,7 @@ impl Tracker {
     pub fn passes(&self, tag: u8) -> bool {
         match tag {
             b'D' | b'N' | b'A' | b'd' | b't' | b'K' | b'G' | b'H' | b'W' | b'c' => {
-                !matches!(self.queue.front(), Some(Pending::HiddenQuery))
+                !self.in_hidden_query()
             }
             b'T' => !matches!(
                 self.queue.front(),

@@ -130,7 +130,7 @@ struct Session<C> {
     awaits_server: bool,
     /// A transaction-mode client that keeps its server from now on.
     pinned: bool,
-    /// Whether a `SET` now completing may leave a setting (see `sets`).
+    /// What the statements in flight may leave on the server (see `sets`).
     sets: crate::sets::SetWatch,
 }
 

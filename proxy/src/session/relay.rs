@@ -80,6 +80,7 @@ impl<C: ClientIo> Session<C> {
             };
             last = tag;
             let frame = &self.cbuf[held..held + len];
+            // `tx_mode()` by hand: `co` holds the server borrowed.
             if tx && !self.pinned && matches!(tag, b'Q' | b'P' | b'B') {
                 self.sets.client_message(tag, &frame[5..]);
             }
