@@ -45,6 +45,44 @@ pub struct Doorbell {
     /// Set by the sweeper when that wait is long: the session watches its
     /// client too, so a client that vanishes during a long query is seen.
     watch: AtomicBool,
+    /// Since when the session waits for its client and nothing else (see
+    /// [`Doorbell::idle_from`]): `(tick + 1) << 2 | in_transaction`; 0: it
+    /// does not; [`IDLE`] or [`IDLE_IN_TRANSACTION`]: the sweeper found
+    /// that wait past its limit. One word, so a client's message (which
+    /// stores 0) and the sweeper's verdict (a compare-exchange from the
+    /// wait it judged) cannot cross.
+    idle: AtomicU64,
+}
+
+/// Idle between transactions past `client_idle_timeout`.
+pub const IDLE: u64 = 1;
+/// Idle inside a transaction past `idle_transaction_timeout`.
+pub const IDLE_IN_TRANSACTION: u64 = 2;
+
+/// How long a session may wait for its client, in sweeper ticks
+/// (0: for ever). See [`Bells::sweep`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IdleLimits {
+    /// Between transactions.
+    pub client: u64,
+    /// Inside a transaction (holding its server).
+    pub in_transaction: u64,
+}
+
+impl IdleLimits {
+    /// The limits of `client_idle_timeout` and `idle_transaction_timeout`,
+    /// rounded up to whole ticks.
+    pub fn new(client: Duration, in_transaction: Duration) -> IdleLimits {
+        let ticks = |d: Duration| d.as_nanos().div_ceil(STARTUP_TICK.as_nanos()) as u64;
+        IdleLimits {
+            client: ticks(client),
+            in_transaction: ticks(in_transaction),
+        }
+    }
+
+    pub fn any(&self) -> bool {
+        self.client != 0 || self.in_transaction != 0
+    }
 }
 
 /// Not bound by a startup deadline (logged in, or never registered with one).
@@ -88,6 +126,36 @@ impl Doorbell {
         if self.watch.load(Ordering::Relaxed) {
             self.watch.store(false, Ordering::Relaxed);
         }
+    }
+
+    /// The session now waits for its client and nothing else (no request
+    /// outstanding, nothing buffered), inside a transaction or not, since
+    /// sweeper tick `tick`. The sweeper ends the wait once it outlasts
+    /// its [`IdleLimits`].
+    pub fn idle_from(&self, tick: u64, in_transaction: bool) {
+        self.idle.store(
+            ((tick + 1) << 2) | u64::from(in_transaction),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// The client sent something: it is no longer idle, and a verdict the
+    /// sweeper reached on its wait is void.
+    pub fn busy(&self) {
+        self.idle.store(0, Ordering::Relaxed);
+    }
+
+    /// Which idle limit the session passed ([`IDLE`] or
+    /// [`IDLE_IN_TRANSACTION`]), if the sweeper found it past one and the
+    /// client has sent nothing since.
+    pub fn take_idle_expired(&self) -> Option<u64> {
+        let kind = self.idle.load(Ordering::Relaxed);
+        let expired = matches!(kind, IDLE | IDLE_IN_TRANSACTION)
+            && self
+                .idle
+                .compare_exchange(kind, 0, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok();
+        expired.then_some(kind)
     }
 
     /// Whether the session should read its client while it waits for a
@@ -255,11 +323,13 @@ impl Bells {
     }
 
     /// One sweeper tick: stops the sessions still logging in past their
-    /// deadline and forgets the ones that finished, and rings the sessions
+    /// deadline and forgets the ones that finished, rings the sessions
     /// waiting for a reply since before the last tick so they watch their
-    /// clients (see [`Doorbell::awaiting_reply`]). Returns how many were
+    /// clients (see [`Doorbell::awaiting_reply`]), and rings the sessions
+    /// idle past `limits` with the limit they passed (see
+    /// [`Doorbell::take_idle_expired`]). Returns how many logins were
     /// stopped.
-    pub fn sweep(&self) -> usize {
+    pub fn sweep(&self, limits: IdleLimits) -> usize {
         let expired = self.expire_startups();
         let now = self.tick.load(Ordering::Acquire);
         for bell in lock(&self.bells).values() {
@@ -271,8 +341,38 @@ impl Bells {
                 bell.watch.store(true, Ordering::Relaxed);
                 bell.ring();
             }
+            if limits.any() {
+                Self::expire_idle(bell, now, limits);
+            }
         }
         expired
+    }
+
+    /// Rings `bell` if its session has been idle for `limits` whole ticks.
+    fn expire_idle(bell: &Doorbell, now: u64, limits: IdleLimits) {
+        let idle = bell.idle.load(Ordering::Relaxed);
+        if idle < 4 {
+            // Busy, or already judged.
+            return;
+        }
+        // Idle since during tick `since - 1`: `now - since` whole ticks.
+        let (since, in_tx) = (idle >> 2, idle & 1 == 1);
+        let (limit, kind) = if in_tx {
+            (limits.in_transaction, IDLE_IN_TRANSACTION)
+        } else {
+            (limits.client, IDLE)
+        };
+        // Only if unchanged: a session that was busy (and maybe idle
+        // again) since the load has a new, shorter wait.
+        if limit != 0
+            && now.saturating_sub(since) >= limit
+            && bell
+                .idle
+                .compare_exchange(idle, kind, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            bell.ring();
+        }
     }
 
     fn expire_startups(&self) -> usize {
@@ -326,16 +426,75 @@ mod tests {
         let bells = Arc::new(Bells::default());
         let r = bells.register();
         r.bell.awaiting_reply(bells.tick());
-        bells.sweep();
+        bells.sweep(IdleLimits::default());
         assert!(!r.bell.watching(), "not yet a whole tick");
-        bells.sweep();
+        bells.sweep(IdleLimits::default());
         assert!(r.bell.watching(), "waiting since before the last tick");
         assert!(r.bell.rung.load(Ordering::Acquire), "and woken to see it");
         r.bell.reply_came();
         assert!(!r.bell.watching());
-        bells.sweep();
-        bells.sweep();
+        bells.sweep(IdleLimits::default());
+        bells.sweep(IdleLimits::default());
         assert!(!r.bell.watching(), "no reply awaited: no ring");
+    }
+
+    /// A session idle for its limit's whole ticks is rung with the limit
+    /// it passed, once; never before, never one that became busy, and the
+    /// limit is the one for where it idles (inside a transaction or not).
+    #[test]
+    fn an_idle_session_is_rung_once_past_its_own_limit() {
+        let bells = Arc::new(Bells::default());
+        // 250 ms between transactions: 3 ticks; 100 ms inside one: 1.
+        let limits = IdleLimits::new(Duration::from_millis(250), Duration::from_millis(100));
+        assert_eq!(
+            limits,
+            IdleLimits {
+                client: 3,
+                in_transaction: 1
+            }
+        );
+        let idle = bells.register();
+        let in_tx = bells.register();
+        let woke = bells.register();
+        idle.bell.idle_from(bells.tick(), false);
+        in_tx.bell.idle_from(bells.tick(), true);
+        woke.bell.idle_from(bells.tick(), false);
+        bells.sweep(limits);
+        assert_eq!(in_tx.bell.take_idle_expired(), None, "not a whole tick yet");
+        bells.sweep(limits);
+        assert_eq!(in_tx.bell.take_idle_expired(), Some(IDLE_IN_TRANSACTION));
+        assert!(
+            in_tx.bell.rung.load(Ordering::Acquire),
+            "and woken to see it"
+        );
+        woke.bell.busy();
+        bells.sweep(limits);
+        assert_eq!(idle.bell.take_idle_expired(), None, "2 of 3 ticks");
+        bells.sweep(limits);
+        assert_eq!(idle.bell.take_idle_expired(), Some(IDLE));
+        assert_eq!(woke.bell.take_idle_expired(), None, "busy again");
+        // A client's message voids a verdict it did not see yet.
+        woke.bell.idle_from(bells.tick(), true);
+        for _ in 0..2 {
+            bells.sweep(limits);
+        }
+        woke.bell.busy();
+        assert_eq!(
+            woke.bell.take_idle_expired(),
+            None,
+            "spoke after the verdict"
+        );
+        for _ in 0..5 {
+            bells.sweep(limits);
+        }
+        assert_eq!(idle.bell.take_idle_expired(), None, "rung once");
+        assert_eq!(in_tx.bell.take_idle_expired(), None, "rung once");
+        // No limit, no ring.
+        woke.bell.idle_from(bells.tick(), true);
+        for _ in 0..5 {
+            bells.sweep(IdleLimits::new(Duration::from_secs(1), Duration::ZERO));
+        }
+        assert_eq!(woke.bell.take_idle_expired(), None);
     }
 
     #[tokio::test]
@@ -418,10 +577,18 @@ mod tests {
         };
         assert!(quick.bell.started(), "logged in before its deadline");
         for tick in 1..=3 {
-            assert_eq!(bells.sweep(), 0, "tick {tick} is before the deadline");
+            assert_eq!(
+                bells.sweep(IdleLimits::default()),
+                0,
+                "tick {tick} is before the deadline"
+            );
             assert!(!late.bell.is_stopped());
         }
-        assert_eq!(bells.sweep(), 1, "the fourth tick is past it");
+        assert_eq!(
+            bells.sweep(IdleLimits::default()),
+            1,
+            "the fourth tick is past it"
+        );
         assert!(late.bell.is_stopped() && late.bell.startup_expired());
         let stopped = tokio::time::timeout(Duration::from_secs(5), waiting)
             .await
@@ -437,8 +604,12 @@ mod tests {
         let done = bells.register_starting(Duration::from_secs(60));
         let slow = bells.register_starting(Duration::from_millis(100));
         assert!(done.bell.started());
-        assert_eq!(bells.sweep(), 0);
-        assert_eq!(bells.sweep(), 1, "100 ms: past it on the second tick");
+        assert_eq!(bells.sweep(IdleLimits::default()), 0);
+        assert_eq!(
+            bells.sweep(IdleLimits::default()),
+            1,
+            "100 ms: past it on the second tick"
+        );
         assert!(slow.bell.is_stopped() && !done.bell.is_stopped());
     }
 }

@@ -176,6 +176,17 @@ pub struct Config {
     /// A client must finish startup and authentication within this. Default 10s.
     #[serde(with = "humantime_serde")]
     pub startup_timeout: Duration,
+    /// A client idle between transactions longer than this is closed
+    /// (FATAL 57P05, as PostgreSQL's idle_session_timeout). 0s: never.
+    /// Default 0s.
+    #[serde(with = "humantime_serde")]
+    pub client_idle_timeout: Duration,
+    /// A client idle inside a transaction longer than this is closed
+    /// (FATAL 25P03, as PostgreSQL's idle_in_transaction_session_timeout)
+    /// and its server connection with it, which rolls the transaction
+    /// back and frees the server for others. 0s: never. Default 0s.
+    #[serde(with = "humantime_serde")]
+    pub idle_transaction_timeout: Duration,
     /// Largest message accepted from a client, bytes. Default 64 MiB.
     pub max_message_size: usize,
     /// Replicas further behind than this many bytes get no reads. Default 1 MiB.
@@ -271,6 +282,8 @@ impl Default for Config {
             checkout_timeout: Duration::from_secs(10),
             leader_wait_timeout: Duration::from_secs(5),
             startup_timeout: Duration::from_secs(10),
+            client_idle_timeout: Duration::ZERO,
+            idle_transaction_timeout: Duration::ZERO,
             max_message_size: 64 << 20,
             max_replica_lag: 1 << 20,
             ro_fallback_to_leader: true,
@@ -387,6 +400,20 @@ impl Config {
                 "server_tls_ca_file",
                 "is required by server_tls_mode = \"verify-full\"",
             );
+        }
+        for (key, d) in [
+            ("client_idle_timeout", self.client_idle_timeout),
+            ("idle_transaction_timeout", self.idle_transaction_timeout),
+        ] {
+            let tick = crate::bell::STARTUP_TICK;
+            if !d.is_zero() && d < tick {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: format!(
+                        "must be 0s (off) or at least {tick:?} (idle clients are checked every {tick:?})"
+                    ),
+                });
+            }
         }
         self.validate_tcp()?;
         if pgha_cluster::validate_name(&self.id).is_err() {
@@ -563,5 +590,17 @@ mod tests {
         assert!(e.to_string().contains("`backends`"), "{e}");
         let e = Config::parse(&format!("checkout_timeout = \"soon\"\n{MINIMAL}")).unwrap_err();
         assert!(e.to_string().contains("checkout_timeout"), "{e}");
+        for key in ["client_idle_timeout", "idle_transaction_timeout"] {
+            let e = Config::parse(&format!("{key} = \"50ms\"\n{MINIMAL}")).unwrap_err();
+            assert!(
+                e.to_string()
+                    .contains(&format!("`{key}`: must be 0s (off) or at least 100ms")),
+                "{e}"
+            );
+            let c = Config::parse(&format!("{key} = \"0s\"\n{MINIMAL}")).unwrap();
+            assert!(c.client_idle_timeout.is_zero() && c.idle_transaction_timeout.is_zero());
+        }
+        let c = Config::parse(&format!("idle_transaction_timeout = \"30s\"\n{MINIMAL}")).unwrap();
+        assert_eq!(c.idle_transaction_timeout, Duration::from_secs(30));
     }
 }

@@ -148,7 +148,8 @@ impl Proxy {
             .spawn(ring_sessions(shared.clone(), handle.shutdown.clone()));
         let (sweep_shared, sweep_stop) = (shared.clone(), handle.shutdown.clone());
         handle.tasks.spawn(async move {
-            // Clients that have not logged in within startup_timeout;
+            // Clients that have not logged in within startup_timeout or sat
+            // idle past client_idle_timeout / idle_transaction_timeout;
             // the pools' coarse clock.
             let mut tick = tokio::time::interval(crate::bell::STARTUP_TICK);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -156,7 +157,12 @@ impl Proxy {
                 tokio::select! {
                     _ = tick.tick() => {
                         crate::clock::refresh();
-                        sweep_shared.bells.sweep();
+                        let cfg = sweep_shared.cfg();
+                        let limits = crate::bell::IdleLimits::new(
+                            cfg.client_idle_timeout,
+                            cfg.idle_transaction_timeout,
+                        );
+                        sweep_shared.bells.sweep(limits);
                     }
                     _ = sweep_stop.cancelled() => return,
                 }

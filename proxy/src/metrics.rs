@@ -27,9 +27,11 @@ pub enum ErrorKind {
     ServerLost,
     LeaderChange,
     TooManyClients,
+    /// A client idle past client_idle_timeout or idle_transaction_timeout.
+    IdleTimeout,
 }
 
-const ERROR_KINDS: [(ErrorKind, &str); 7] = [
+const ERROR_KINDS: [(ErrorKind, &str); 8] = [
     (ErrorKind::Auth, "auth"),
     (ErrorKind::Protocol, "protocol"),
     (ErrorKind::CheckoutTimeout, "checkout_timeout"),
@@ -37,6 +39,7 @@ const ERROR_KINDS: [(ErrorKind, &str); 7] = [
     (ErrorKind::ServerLost, "server_lost"),
     (ErrorKind::LeaderChange, "leader_change"),
     (ErrorKind::TooManyClients, "too_many_clients"),
+    (ErrorKind::IdleTimeout, "idle_timeout"),
 ];
 
 /// A counter the hot path bumps with one relaxed add, rendered by

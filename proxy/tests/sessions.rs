@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{config, first_value, one_server, primary, wait_backends, Raw, Running};
 use pgha_local::wait_until;
@@ -213,6 +213,103 @@ fn listen_and_sql_prepare_keep_the_clients_server_and_it_is_reset_when_it_leaves
         assert_eq!(state, ["0/0"], "{who}'s server still has A's state");
     }
     c.query("commit");
+}
+
+/// The first message a client gets is a FATAL with `code`, then the close.
+fn closed_with(r: &mut Raw, code: &str) {
+    let (tag, body) = r.recv();
+    assert_eq!(tag, b'E', "an ErrorResponse");
+    let f = msg::error_fields(&body).unwrap();
+    assert_eq!(
+        (f.severity.as_str(), f.code.as_str()),
+        ("FATAL", code),
+        "{}",
+        f.message
+    );
+    r.expect_closed();
+}
+
+/// `idle_transaction_timeout` and `client_idle_timeout`, as PostgreSQL's
+/// idle_in_transaction_session_timeout and idle_session_timeout: a client
+/// that went quiet inside a transaction is closed with 25P03 once past
+/// its limit, never before; its transaction is rolled back (its row lock
+/// gone) and its server, the pool's only one, serves the next client
+/// clean. A client quiet between transactions gets 57P05. A client that
+/// keeps working, each statement well within the limits, is never
+/// closed, however much longer than them it stays.
+#[test]
+fn clients_idle_past_their_limit_are_closed_and_their_transaction_rolled_back() {
+    let (_sb, pg) = primary("px-idle");
+    let mut cfg = config(&pg, PoolMode::Transaction);
+    cfg.pool_size = 1;
+    cfg.checkout_timeout = Duration::from_secs(10);
+    let (in_tx_limit, idle_limit) = (Duration::from_secs(1), Duration::from_secs(2));
+    cfg.idle_transaction_timeout = in_tx_limit;
+    cfg.client_idle_timeout = idle_limit;
+    let p = Running::start(cfg);
+    pg.psql("create table idle_t(id int primary key, n int); insert into idle_t values (1, 0)")
+        .unwrap();
+    let think = Duration::from_millis(100);
+
+    // Working: inside one transaction longer than its limit, then between
+    // transactions longer than theirs.
+    let mut worker = Raw::connect(p.rw());
+    worker.query("begin");
+    let began = Instant::now();
+    while began.elapsed() < in_tx_limit * 3 / 2 {
+        worker.query("update idle_t set n = n + 1 where id = 1");
+        std::thread::sleep(think);
+    }
+    worker.query("commit");
+    let began = Instant::now();
+    while began.elapsed() < idle_limit * 5 / 4 {
+        assert_eq!(worker.query("select 1"), ["1"]);
+        std::thread::sleep(think);
+    }
+    let committed = worker.query("select n::text from idle_t where id = 1");
+    drop(worker);
+
+    // Quiet inside a transaction, holding a row lock and the only server.
+    let mut idle = Raw::connect(p.rw());
+    idle.query("begin");
+    let quiet_from = Instant::now();
+    idle.query("update idle_t set n = -1 where id = 1");
+    // The next client waits for that server.
+    let mut next = Raw::connect(p.rw());
+    next.send_with(|m| {
+        msg::put_query(
+            m,
+            "update idle_t set n = n + 1000 where id = 1 returning (n - 1000)::text",
+        )
+    });
+    closed_with(&mut idle, "25P03");
+    assert!(
+        quiet_from.elapsed() >= in_tx_limit,
+        "closed before its limit"
+    );
+    let got = next.until_ready_full();
+    assert_eq!(
+        first_value(&got),
+        committed[0],
+        "the quiet transaction was rolled back"
+    );
+    assert_eq!(got.last().unwrap().1, b"I", "the server came back clean");
+    let shared = p.handle().shared.clone();
+    let text = shared.metrics.render(&shared);
+    assert!(
+        text.lines()
+            .any(|l| l == "pgha_proxy_errors_total{kind=\"idle_timeout\"} 1"),
+        "counted once:\n{text}"
+    );
+
+    // Quiet between transactions (since before its last reply came).
+    let quiet_from = Instant::now();
+    assert_eq!(next.query("select 2"), ["2"]);
+    closed_with(&mut next, "57P05");
+    assert!(
+        quiet_from.elapsed() >= idle_limit,
+        "closed before its limit"
+    );
 }
 
 /// How many clients the proxy pinned so far (`pgha_proxy_clients_pinned_total`).

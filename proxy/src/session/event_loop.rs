@@ -42,6 +42,18 @@ struct LoopState {
     drain_noted: bool,
     /// The waker this session left at its bell (see `Doorbell::poll_rung`).
     bell_waker: Option<std::task::Waker>,
+    /// What the bell was last told of the session's idleness (see
+    /// `Session::idleness`); `None`: nothing yet, or the client has sent
+    /// something since.
+    idle_told: Option<Idle>,
+}
+
+/// Whether the session waits for its client and nothing else.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Idle {
+    Busy,
+    BetweenTransactions,
+    InTransaction,
 }
 
 fn server_lost() -> ClientError {
@@ -117,6 +129,11 @@ impl<C: ClientIo> Session<C> {
             Ev::Client(0) => Ok(Flow::Quit),
             Ev::Client(n) => {
                 self.shared.metrics.bytes_in.increment(n as u64);
+                // Activity, even if this turn ends idle again: the bell
+                // learns it now, before a wait for a server.
+                if st.idle_told.take().is_some_and(|i| i != Idle::Busy) {
+                    self.bell.busy();
+                }
                 self.on_client_data().await
             }
             Ev::Server(0) => Ok(self.lose_server(server_lost())),
@@ -124,9 +141,81 @@ impl<C: ClientIo> Session<C> {
             Ev::Bell => {
                 st.drain_noted = self.shared.draining.is_cancelled();
                 self.cfg = self.shared.cfg();
+                if let Some(kind) = self.bell.take_idle_expired() {
+                    if let Some(flow) = self.idle_expired(kind) {
+                        return Ok(flow);
+                    }
+                    // It was busy again before the ring came: tell anew.
+                    st.idle_told = None;
+                }
                 Ok(self.on_topology())
             }
         }
+    }
+
+    /// Waiting for the client and nothing else: no request outstanding at
+    /// the server, no client bytes kept (inside a transaction when it
+    /// holds a server whose last ReadyForQuery was not idle).
+    fn idleness(&self) -> Idle {
+        if !self.cbuf.is_empty() {
+            return Idle::Busy;
+        }
+        match &self.server {
+            None => Idle::BetweenTransactions,
+            Some(co) if !co.conn.tracker.is_quiet() => Idle::Busy,
+            Some(co) if co.conn.tracker.status() == b'I' => Idle::BetweenTransactions,
+            Some(_) => Idle::InTransaction,
+        }
+    }
+
+    /// Tells the bell when the session starts waiting for its client, for
+    /// `client_idle_timeout` and `idle_transaction_timeout` (only when one
+    /// is set: two relaxed stores per transaction otherwise saved).
+    fn tell_idleness(&self, st: &mut LoopState) {
+        if self.cfg.client_idle_timeout.is_zero() && self.cfg.idle_transaction_timeout.is_zero() {
+            return;
+        }
+        let now = self.idleness();
+        if st.idle_told == Some(now) {
+            return;
+        }
+        match now {
+            Idle::Busy => self.bell.busy(),
+            Idle::BetweenTransactions | Idle::InTransaction => self
+                .bell
+                .idle_from(self.shared.bells.tick(), now == Idle::InTransaction),
+        }
+        st.idle_told = Some(now);
+    }
+
+    /// The sweeper found the client idle past a limit: the session ends
+    /// with PostgreSQL's error for it, if the client is still idle that
+    /// way; `None` if it is not (it sent something meanwhile). Its server,
+    /// inside a transaction, is closed by `finish` (which rolls the
+    /// transaction back), never pooled.
+    fn idle_expired(&mut self, kind: u64) -> Option<Flow> {
+        let (want, code, text, limit) = if kind == crate::bell::IDLE_IN_TRANSACTION {
+            (
+                Idle::InTransaction,
+                "25P03",
+                "terminating connection due to idle-in-transaction timeout",
+                self.cfg.idle_transaction_timeout,
+            )
+        } else {
+            (
+                Idle::BetweenTransactions,
+                "57P05",
+                "terminating connection due to idle-session timeout",
+                self.cfg.client_idle_timeout,
+            )
+        };
+        if self.idleness() != want || limit.is_zero() {
+            return None;
+        }
+        tracing::info!(user = self.login.user, ?limit, "{text}");
+        self.shared.metrics.error(ErrorKind::IdleTimeout);
+        msg::put_error(&mut self.out_client, "FATAL", code, text);
+        Some(Flow::Quit)
     }
 
     /// Turns a handler error into what happens next; `None`: end now.
@@ -170,9 +259,10 @@ impl<C: ClientIo> Session<C> {
         let bell: Arc<Doorbell> = self.bell.clone();
         let mut st = LoopState {
             drain_noted: self.shared.draining.is_cancelled(),
-            bell_waker: None,
+            ..LoopState::default()
         };
         loop {
+            self.tell_idleness(&mut st);
             let ev = self.next_event(&bell, &mut st.bell_waker).await;
             let r = self.handle(ev, &mut st).await;
             let Some(flow) = self.recover(r) else { break };

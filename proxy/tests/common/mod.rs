@@ -273,6 +273,18 @@ impl Raw {
         }
     }
 
+    /// The proxy closed the connection: nothing more to read (the read
+    /// timeout bounds the wait).
+    pub fn expect_closed(&mut self) {
+        assert!(self.buf.is_empty(), "unread messages before the close");
+        let mut chunk = [0u8; 64];
+        match self.s.read(&mut chunk) {
+            Ok(0) => {}
+            Ok(n) => panic!("{n} more bytes instead of the close"),
+            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+        }
+    }
+
     /// Tags of every message up to and including the next ReadyForQuery;
     /// returns them with the ReadyForQuery status.
     pub fn until_ready(&mut self) -> (Vec<u8>, u8) {
