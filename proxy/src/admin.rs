@@ -31,6 +31,9 @@ struct PoolStatus {
     idle: usize,
     active: usize,
     waiting: usize,
+    /// Of those holding a pool slot, waiting for the backend to have room
+    /// (`max_backend_connections`).
+    waiting_for_backend: usize,
 }
 
 #[derive(Serialize)]
@@ -59,6 +62,7 @@ fn status_json(shared: &Shared) -> String {
                 idle,
                 active,
                 waiting: p.waiting(),
+                waiting_for_backend: p.waiting_for_backend(),
             }
         })
         .collect();

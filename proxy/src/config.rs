@@ -40,7 +40,8 @@ pub const RESTART_KEYS: [&str; 7] = [
 
 /// Keys that shape server connections: a reload that changes one replaces
 /// the pools (idle connections close now, busy ones when released).
-pub const POOL_KEYS: [&str; 8] = [
+pub const POOL_KEYS: [&str; 9] = [
+    "max_backend_connections",
     "server_tls_mode",
     "server_tls_ca_file",
     "pool_size",
@@ -158,6 +159,11 @@ pub struct Config {
     /// Client connections accepted at once; more are refused with SQLSTATE
     /// 53300. Default 10000.
     pub max_client_conn: usize,
+    /// Server connections to one backend, all its pools (databases, users,
+    /// routes) together; keep it under the node's max_connections. A pool
+    /// that needs one more closes another pool's idle connection, or
+    /// waits (within checkout_timeout). 0: no bound. Default 0.
+    pub max_backend_connections: usize,
     /// Idle server connections older than this are closed. Default 60s.
     #[serde(with = "humantime_serde")]
     pub server_idle_timeout: Duration,
@@ -282,6 +288,7 @@ impl Default for Config {
             checkout_timeout: Duration::from_secs(10),
             leader_wait_timeout: Duration::from_secs(5),
             startup_timeout: Duration::from_secs(10),
+            max_backend_connections: 0,
             client_idle_timeout: Duration::ZERO,
             idle_transaction_timeout: Duration::ZERO,
             max_message_size: 64 << 20,
@@ -501,9 +508,10 @@ mod tests {
     #[test]
     fn durations_and_modes_are_readable() {
         let c = Config::parse(&format!(
-            "pool_mode = \"session\"\ncheckout_timeout = \"250ms\"\nauth_method = \"md5\"\n{MINIMAL}"
+            "pool_mode = \"session\"\ncheckout_timeout = \"250ms\"\nauth_method = \"md5\"\nmax_backend_connections = 90\n{MINIMAL}"
         ))
         .unwrap();
+        assert_eq!(c.max_backend_connections, 90);
         assert_eq!(c.pool_mode, PoolMode::Session);
         assert_eq!(c.checkout_timeout, Duration::from_millis(250));
         assert_eq!(c.auth_method, AuthMethod::Md5);

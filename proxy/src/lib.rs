@@ -11,6 +11,7 @@ pub mod admin;
 pub mod auth;
 pub mod bell;
 pub mod cancel;
+pub mod cap;
 pub mod clock;
 pub mod config;
 pub mod listener;

@@ -20,6 +20,7 @@ use crate::clock;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::cap::BackendCap;
 use crate::config::Config;
 use crate::lock;
 use crate::router::{Backend, Route};
@@ -39,10 +40,10 @@ pub enum PoolError {
 }
 
 /// Counts a waiting client, also when its wait is abandoned (cancel).
-struct Waiting<'a>(&'a AtomicUsize);
+pub(crate) struct Waiting<'a>(&'a AtomicUsize);
 
 impl<'a> Waiting<'a> {
-    fn new(n: &'a AtomicUsize) -> Self {
+    pub(crate) fn new(n: &'a AtomicUsize) -> Self {
         n.fetch_add(1, Ordering::Relaxed);
         Waiting(n)
     }
@@ -74,6 +75,10 @@ pub struct Pool {
     waiting: AtomicUsize,
     /// ParameterStatus of the last connection made, sent to new clients.
     params: Mutex<Option<Params>>,
+    /// The backend's `max_backend_connections` slots, if bounded.
+    cap: Option<Arc<BackendCap>>,
+    /// Clients holding a pool slot that wait for one of those.
+    waiting_for_backend: AtomicUsize,
 }
 
 /// A checked-out connection; give it back with [`Checkout::checkin`].
@@ -114,8 +119,11 @@ impl Pool {
         login: Login,
         cfg: Arc<Config>,
         connect: ConnectOpts,
+        cap: Option<Arc<BackendCap>>,
     ) -> Pool {
         Pool {
+            cap,
+            waiting_for_backend: AtomicUsize::new(0),
             connect,
             route,
             slots: Arc::new(Semaphore::new(cfg.pool_size)),
@@ -140,6 +148,27 @@ impl Pool {
         lock(&self.idle).clear();
     }
 
+    /// Idle connections no client of this pool is about to take (those
+    /// keeping their own slot).
+    pub fn spare_idle(&self) -> usize {
+        lock(&self.idle).iter().filter(|i| i.slot.is_some()).count()
+    }
+
+    /// Closes one spare idle connection, the longest idle (another pool of
+    /// the backend needs its `max_backend_connections` slot); whether there
+    /// was one.
+    pub fn close_one_idle(&self) -> bool {
+        let mut idle = lock(&self.idle);
+        // Pushed and popped at the end: the first spare is the oldest.
+        let Some(i) = idle.iter().position(|i| i.slot.is_some()) else {
+            return false;
+        };
+        let closed = idle.remove(i);
+        drop(idle);
+        drop(closed);
+        true
+    }
+
     /// (idle, checked out) connection counts.
     pub fn counts(&self) -> (usize, usize) {
         (lock(&self.idle).len(), self.active.load(Ordering::Relaxed))
@@ -154,6 +183,12 @@ impl Pool {
     /// Clients waiting for a connection now.
     pub fn waiting(&self) -> usize {
         self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// Clients waiting for their backend to have room for one more
+    /// connection (`max_backend_connections`).
+    pub fn waiting_for_backend(&self) -> usize {
+        self.waiting_for_backend.load(Ordering::Relaxed)
     }
 
     /// Parameters a new client should see, if a connection was ever made.
@@ -234,6 +269,7 @@ impl Pool {
         if let Some(co) = self.try_checkout_idle() {
             return Ok(co);
         }
+        let deadline = tokio::time::Instant::now() + timeout;
         let slot = tokio::time::timeout(timeout, self.slots.clone().acquire_owned()).await;
         drop(waiting);
         let slot = slot
@@ -246,12 +282,21 @@ impl Pool {
         let slot = held.expect("an idle connection with its own slot leaves ours");
         // Boxed: connecting is rare and its state is large; it must not
         // grow every session's future.
+        let cap_slot = match &self.cap {
+            Some(cap) => {
+                let _waiting = Waiting::new(&self.waiting_for_backend);
+                let slot = Box::pin(cap.slot(self, deadline)).await;
+                Some(slot.ok_or(PoolError::Timeout(timeout))?)
+            }
+            None => None,
+        };
         let mut conn = Box::pin(ServerConn::connect(
             self.backend.clone(),
             &self.login,
             &self.connect,
         ))
         .await?;
+        conn.cap_slot = cap_slot;
         // A server in the wrong role (a replica named leader before its
         // promotion ends) says nothing about this pool's clients: its
         // in_hot_standby = on would turn libpq's read-write clients away.
@@ -316,11 +361,14 @@ impl Pool {
                 conn,
                 slot: Some(slot),
             });
-            return;
+        } else {
+            idle.push(Idle { conn, slot: None });
+            drop(idle);
+            drop(slot);
         }
-        idle.push(Idle { conn, slot: None });
-        drop(idle);
-        drop(slot);
+        if let Some(cap) = &self.cap {
+            cap.idle_returned();
+        }
     }
 
     /// Closes idle connections past their idle timeout or lifetime, then
@@ -343,6 +391,14 @@ impl Pool {
             let Ok(slot) = self.slots.clone().try_acquire_owned() else {
                 return;
             };
+            // Never at another pool's expense.
+            let cap_slot = match &self.cap {
+                Some(cap) => match cap.try_slot() {
+                    Some(s) => Some(s),
+                    None => return,
+                },
+                None => None,
+            };
             let connected = Box::pin(ServerConn::connect(
                 self.backend.clone(),
                 &self.login,
@@ -351,6 +407,7 @@ impl Pool {
             .await;
             match connected {
                 Ok(mut c) if self.route != Route::ReadWrite || !c.in_recovery => {
+                    c.cap_slot = cap_slot;
                     self.share_params(&mut c);
                     self.shelve(c, slot);
                 }
@@ -381,6 +438,9 @@ pub struct Pools {
     /// The pool handed out last: most connects ask for the same one, and
     /// this spares them building and hashing a key.
     last: Mutex<Option<Arc<Pool>>>,
+    /// Each backend's `max_backend_connections` slots, for the pools made
+    /// since the last reload that replaced them.
+    caps: Mutex<HashMap<Arc<Backend>, Arc<BackendCap>>>,
 }
 
 impl Pools {
@@ -391,6 +451,7 @@ impl Pools {
             sockets,
             map: Mutex::new(HashMap::new()),
             last: Mutex::new(None),
+            caps: Mutex::new(HashMap::new()),
         }
     }
 
@@ -427,13 +488,24 @@ impl Pools {
         }
         let cfg = self.cfg.load_full();
         let connect = self.opts(&cfg, cfg.prepared_cache_size);
+        let cap = (cfg.max_backend_connections > 0).then(|| {
+            let mut caps = lock(&self.caps);
+            let cap = caps
+                .entry(backend.clone())
+                .or_insert_with(|| Arc::new(BackendCap::new(cfg.max_backend_connections)));
+            cap.clone()
+        });
         let p = Arc::new(Pool::new(
             backend.clone(),
             route,
             login.clone(),
             cfg,
             connect,
+            cap.clone(),
         ));
+        if let Some(cap) = cap {
+            cap.add_pool(&p);
+        }
         map.insert(key, p.clone());
         p
     }
@@ -444,6 +516,10 @@ impl Pools {
         self.cfg.store(cfg);
         self.server_tls.store(server_tls);
         if replace {
+            // New pools share new slots (max_backend_connections may have
+            // changed); the retired pools' connections close as they come
+            // back.
+            lock(&self.caps).clear();
             self.retire_unless(|_, _| false);
         }
     }

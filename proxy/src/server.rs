@@ -277,6 +277,9 @@ pub struct ServerConn {
     pub prepared: ServerCache,
     /// Must not be reused (its prepared statements went stale after DDL).
     pub discard: bool,
+    /// Its backend's `max_backend_connections` slot, if bounded: freed when
+    /// the connection closes.
+    pub cap_slot: Option<crate::cap::CapSlot>,
 }
 
 impl ServerConn {
@@ -321,6 +324,7 @@ impl ServerConn {
             tracker: Tracker::default(),
             prepared: ServerCache::new(cache_size),
             discard: false,
+            cap_slot: None,
         });
         conn.login(login).await?;
         let rows = conn.simple_query("select pg_is_in_recovery()").await?;

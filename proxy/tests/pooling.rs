@@ -301,6 +301,69 @@ fn idle_servers_close_after_the_idle_timeout_and_min_idle_stays_open() {
     .unwrap();
 }
 
+/// Clients of `p` waiting for their backend to have room.
+fn waiting_for_backend(p: &Running) -> usize {
+    let pools = p.handle().shared.pools.snapshot();
+    pools.iter().map(|pool| pool.waiting_for_backend()).sum()
+}
+
+/// `max_backend_connections` bounds the server connections to a backend
+/// across its pools (three here, one per startup `options`), whatever
+/// each pool's own size: a pool needing one more while the backend is
+/// full and nothing is idle waits, then gets the checkout timeout; once
+/// another pool's server is idle, it closes that one and opens its own;
+/// a waiting client gets the room as soon as another pool's transaction
+/// ends. The backend never has more than the bound.
+#[test]
+fn max_backend_connections_bounds_a_backends_servers_across_pools() {
+    let (_sb, pg) = primary("px-cap");
+    let mut cfg = config(&pg, PoolMode::Transaction);
+    cfg.pool_size = 5;
+    cfg.max_backend_connections = 2;
+    cfg.checkout_timeout = Duration::from_millis(1500);
+    let p = Running::start(cfg);
+    let client = |mb: u32| {
+        p.client_with(|c| {
+            c.options(format!("-c work_mem={mb}MB"));
+        })
+        .unwrap()
+    };
+    let (a, b, c) = (client(5), client(6), client(7));
+    p.rt.block_on(async {
+        a.batch_execute("begin").await.unwrap();
+        b.batch_execute("begin").await.unwrap();
+    });
+    assert_eq!(proxy_backends(&pg), 2);
+    let err = p.first_cell(&c, "show work_mem").unwrap_err();
+    let text = common::db_message(&err);
+    assert!(text.contains("no server connection available"), "{text}");
+    assert_eq!(proxy_backends(&pg), 2, "past the bound");
+
+    // A's server is idle now: C's pool closes it and opens its own.
+    p.rt.block_on(a.batch_execute("commit")).unwrap();
+    assert_eq!(p.first_cell(&c, "show work_mem").unwrap(), "7MB");
+    assert_eq!(proxy_backends(&pg), 2, "past the bound");
+
+    // C holds its server in a transaction, B still holds its own: A waits,
+    // and gets in when B's transaction ends.
+    p.rt.block_on(c.batch_execute("begin")).unwrap();
+    let a_query =
+        p.rt.spawn(async move { a.simple_query("show work_mem").await.map(|_| a) });
+    pgha_local::wait_until("A waits for room", Duration::from_secs(10), || {
+        Ok((waiting_for_backend(&p) == 1).then_some(()))
+    })
+    .unwrap();
+    p.rt.block_on(b.batch_execute("commit")).unwrap();
+    let a =
+        p.rt.block_on(a_query)
+            .unwrap()
+            .expect("A got a server within its checkout timeout");
+    assert_eq!(p.first_cell(&a, "show work_mem").unwrap(), "5MB");
+    assert_eq!(proxy_backends(&pg), 2, "past the bound");
+    assert_eq!(waiting_for_backend(&p), 0);
+    p.rt.block_on(c.batch_execute("commit")).unwrap();
+}
+
 /// Transaction mode hands each transaction whichever server is free; the
 /// client's session settings (its startup application_name, a SET
 /// TimeZone) go with it, and another client never sees them.
