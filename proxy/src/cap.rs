@@ -5,43 +5,95 @@
 //!
 //! Every connection to the backend holds one of its slots for as long as
 //! it is open (idle or in use). A pool that must open a connection while
-//! the backend is full closes an idle connection of another pool first
-//! (the one with the most idle ones: a busy pool is not starved by idle
-//! ones elsewhere); with none idle, it waits, within the checkout timeout,
-//! for a connection to close or to become idle. May call: `pool` (idle
-//! lists), tokio sync.
+//! the backend is full closes a spare idle connection of another pool
+//! first (the pool with the most: a busy pool is not starved by idle ones
+//! elsewhere); with none, it waits in line, within the checkout timeout,
+//! for a slot to come free or a connection to go idle. The bound follows
+//! reloads: it grows at once, and shrinks as connections close. May call:
+//! `pool` (idle lists), tokio sync.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
-use tokio::time::Instant;
 
 use crate::lock;
-use crate::pool::{Pool, Waiting};
+use crate::pool::Pool;
 
 /// The slots of one backend.
 #[derive(Debug)]
 pub struct BackendCap {
     slots: Arc<Semaphore>,
+    /// The bound now.
+    max: AtomicUsize,
+    /// Slots to retire as they come back, after the bound shrank below
+    /// what was in use.
+    owed: AtomicUsize,
     /// The pools sharing them, for closing one's idle connection.
     pools: Mutex<Vec<Weak<Pool>>>,
     /// Pools waiting for a slot now.
     waiting: AtomicUsize,
-    /// A connection of this backend became idle while a pool waits.
+    /// A spare connection of this backend went idle while a pool waits.
     idle_came: Notify,
 }
 
 /// A slot a connection holds until it closes.
-pub type CapSlot = OwnedSemaphorePermit;
+#[derive(Debug)]
+pub struct CapSlot {
+    permit: Option<OwnedSemaphorePermit>,
+    cap: Arc<BackendCap>,
+}
+
+impl Drop for CapSlot {
+    fn drop(&mut self) {
+        // Owed to a smaller bound: the slot goes instead of coming back.
+        let owed = self
+            .cap
+            .owed
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        if let (Ok(_), Some(p)) = (owed, self.permit.take()) {
+            p.forget();
+        }
+    }
+}
 
 impl BackendCap {
-    pub fn new(max: usize) -> BackendCap {
-        BackendCap {
+    pub fn new(max: usize) -> Arc<BackendCap> {
+        Arc::new(BackendCap {
             slots: Arc::new(Semaphore::new(max)),
+            max: AtomicUsize::new(max),
+            owed: AtomicUsize::new(0),
             pools: Mutex::new(Vec::new()),
             waiting: AtomicUsize::new(0),
             idle_came: Notify::new(),
+        })
+    }
+
+    /// A reload set the bound to `max` (at least 1).
+    pub fn resize(&self, max: usize) {
+        let old = self.max.swap(max, Ordering::AcqRel);
+        if max > old {
+            let mut more = max - old;
+            // Paying back a debt first.
+            while more > 0 {
+                let owed = self.owed.load(Ordering::Acquire);
+                if owed == 0 {
+                    break;
+                }
+                let pay = owed.min(more);
+                if self
+                    .owed
+                    .compare_exchange(owed, owed - pay, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    more -= pay;
+                }
+            }
+            self.slots.add_permits(more);
+        } else {
+            let less = old - max;
+            let now = self.slots.forget_permits(less);
+            self.owed.fetch_add(less - now, Ordering::AcqRel);
         }
     }
 
@@ -52,71 +104,115 @@ impl BackendCap {
         pools.push(Arc::downgrade(pool));
     }
 
-    /// A slot now, if one is free (no eviction, no wait): for `min_idle`.
-    pub fn try_slot(&self) -> Option<CapSlot> {
-        self.slots.clone().try_acquire_owned().ok()
-    }
-
-    /// A slot for a new connection of `pool`, by `deadline`: a free one,
-    /// else one freed by closing another pool's idle connection, else the
-    /// first to come free. `None` at the deadline.
-    pub async fn slot(&self, pool: &Pool, deadline: Instant) -> Option<CapSlot> {
-        let _waiting = Waiting::new(&self.waiting);
-        loop {
-            // Registered before looking, so an idle connection shelved
-            // after the look still wakes this wait.
-            let came = self.idle_came.notified();
-            tokio::pin!(came);
-            came.as_mut().enable();
-            if let Some(slot) = self.try_slot() {
-                return Some(slot);
-            }
-            if self.close_idle_elsewhere(pool) {
-                continue;
-            }
-            tokio::select! {
-                slot = self.slots.clone().acquire_owned() => return slot.ok(),
-                _ = &mut came => {}
-                _ = tokio::time::sleep_until(deadline) => return None,
-            }
+    fn slot_of(self: &Arc<Self>, permit: OwnedSemaphorePermit) -> CapSlot {
+        CapSlot {
+            permit: Some(permit),
+            cap: self.clone(),
         }
     }
 
-    /// Called when a connection of this backend goes idle: a waiting pool
-    /// may close it. One relaxed load when nobody waits.
+    /// A slot now, if one is free (no eviction, no wait): for `min_idle`.
+    pub fn try_slot(self: &Arc<Self>) -> Option<CapSlot> {
+        let p = self.slots.clone().try_acquire_owned().ok()?;
+        Some(self.slot_of(p))
+    }
+
+    /// Waits for a slot in line; see [`crate::pool::Pool::checkout`], which
+    /// looks at its own idle list and closes others' between waits.
+    pub fn waiter(self: &Arc<Self>) -> Waiter {
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        Waiter { cap: self.clone() }
+    }
+
+    /// A spare connection of this backend went idle: a waiting pool may
+    /// take or close it. One relaxed load when nobody waits.
     pub fn idle_returned(&self) {
         if self.waiting.load(Ordering::Relaxed) > 0 {
             self.idle_came.notify_waiters();
         }
     }
 
-    /// Closes one idle connection of the pool with the most idle ones
-    /// (never `me`'s: it would reuse it instead); whether one was closed.
-    fn close_idle_elsewhere(&self, me: &Pool) -> bool {
+    /// Closes one spare idle connection of another pool than `me`, trying
+    /// the pools with the most first; whether one was closed.
+    pub fn close_idle_elsewhere(&self, me: &Pool) -> bool {
         let pools: Vec<Arc<Pool>> = lock(&self.pools)
             .iter()
             .filter_map(Weak::upgrade)
             .filter(|p| !std::ptr::eq(Arc::as_ptr(p), me))
             .collect();
-        let fullest = pools
+        let mut by_spare: Vec<(usize, &Arc<Pool>)> = pools
             .iter()
             .map(|p| (p.spare_idle(), p))
-            .filter(|(idle, _)| *idle > 0)
-            .max_by_key(|(idle, _)| *idle);
-        match fullest {
-            Some((_, p)) => {
-                let closed = p.close_one_idle();
-                if closed {
-                    tracing::debug!(backend = %me.backend.name, "closed an idle server connection of another pool: max_backend_connections reached");
-                }
-                closed
-            }
-            None => false,
+            .filter(|(n, _)| *n > 0)
+            .collect();
+        by_spare.sort_by_key(|(n, _)| std::cmp::Reverse(*n));
+        // A pool's own clients may take its spares meanwhile: the next.
+        let closed = by_spare.iter().any(|(_, p)| p.close_one_idle());
+        if closed {
+            tracing::debug!(backend = %me.backend.name, "closed another pool's idle server connection: max_backend_connections reached");
         }
+        closed
+    }
+}
+
+/// One pool's place in line for a slot (counted while it waits).
+pub struct Waiter {
+    cap: Arc<BackendCap>,
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        self.cap.waiting.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Waiter {
+    /// A wake-up for the next spare connection to go idle; enable it
+    /// before looking, so one that goes idle after the look still wakes.
+    pub fn idle_came(&self) -> tokio::sync::futures::Notified<'_> {
+        self.cap.idle_came.notified()
     }
 
-    /// Open connections to the backend.
-    pub fn in_use(&self, max: usize) -> usize {
-        max - self.slots.available_permits()
+    /// The next slot in line (its place kept across wake-ups while the
+    /// future lives).
+    pub async fn slot(&self) -> Option<CapSlot> {
+        let p = self.cap.slots.clone().acquire_owned().await.ok()?;
+        Some(self.cap.slot_of(p))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reload that shrinks the bound below what is in use retires slots
+    /// as connections close, never more; growing pays that debt first.
+    #[test]
+    fn the_bound_follows_a_reload_without_ever_being_exceeded() {
+        let cap = BackendCap::new(2);
+        let (a, b) = (cap.try_slot().unwrap(), cap.try_slot().unwrap());
+        assert!(cap.try_slot().is_none(), "full");
+        cap.resize(1);
+        drop(a);
+        assert!(
+            cap.try_slot().is_none(),
+            "a's slot was owed to the new bound"
+        );
+        drop(b);
+        let c = cap.try_slot().expect("one slot under the new bound");
+        assert!(cap.try_slot().is_none());
+        // Down to 1 while 1 is used, then up to 3: 2 more, no debt.
+        cap.resize(3);
+        let (d, e) = (cap.try_slot().unwrap(), cap.try_slot().unwrap());
+        assert!(cap.try_slot().is_none(), "3 in use");
+        // Shrink by 2 with all in use, grow by 1: one slot still owed.
+        cap.resize(1);
+        cap.resize(2);
+        drop((c, d));
+        let f = cap.try_slot().expect("bound 2, only e in use");
+        assert!(cap.try_slot().is_none(), "e and f: 2 in use");
+        drop((e, f));
+        let all: Vec<_> = (0..3).filter_map(|_| cap.try_slot()).collect();
+        assert_eq!(all.len(), 2, "bound 2");
     }
 }

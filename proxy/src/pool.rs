@@ -20,7 +20,7 @@ use crate::clock;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::cap::BackendCap;
+use crate::cap::{BackendCap, CapSlot};
 use crate::config::Config;
 use crate::lock;
 use crate::router::{Backend, Route};
@@ -101,6 +101,12 @@ impl Checkout {
     pub fn discard(self) {
         self.checkin(false);
     }
+}
+
+/// What a pool waiting on a full backend got.
+enum Room {
+    Slot(CapSlot),
+    Idle(Box<ServerConn>, OwnedSemaphorePermit),
 }
 
 /// An idle connection. It keeps its slot unless a client was waiting for
@@ -279,17 +285,17 @@ impl Pool {
         if let Some((conn, slot)) = self.take_idle(&mut held) {
             return Ok(self.hand_out(conn, slot));
         }
-        let slot = held.expect("an idle connection with its own slot leaves ours");
         // Boxed: connecting is rare and its state is large; it must not
         // grow every session's future.
         let cap_slot = match &self.cap {
-            Some(cap) => {
-                let _waiting = Waiting::new(&self.waiting_for_backend);
-                let slot = Box::pin(cap.slot(self, deadline)).await;
-                Some(slot.ok_or(PoolError::Timeout(timeout))?)
-            }
+            Some(cap) => match Box::pin(self.backend_room(cap, &mut held, deadline)).await {
+                Some(Room::Slot(s)) => Some(s),
+                Some(Room::Idle(conn, slot)) => return Ok(self.hand_out(conn, slot)),
+                None => return Err(PoolError::Timeout(timeout)),
+            },
             None => None,
         };
+        let slot = held.expect("an idle connection with its own slot leaves ours");
         let mut conn = Box::pin(ServerConn::connect(
             self.backend.clone(),
             &self.login,
@@ -305,6 +311,39 @@ impl Pool {
         }
         self.share_params(&mut conn);
         Ok(self.hand_out(conn, slot))
+    }
+
+    /// Room for one more connection to a full backend, by `deadline`:
+    /// a slot, or an idle connection of this pool's own (given back while
+    /// this waited). Between waits it closes a spare idle connection of
+    /// another pool, whose slot then goes to the first in line.
+    async fn backend_room(
+        &self,
+        cap: &Arc<BackendCap>,
+        held: &mut Option<OwnedSemaphorePermit>,
+        deadline: tokio::time::Instant,
+    ) -> Option<Room> {
+        let _counted = Waiting::new(&self.waiting_for_backend);
+        let waiter = cap.waiter();
+        // Made once: its place in line is kept across wake-ups.
+        let slot = waiter.slot();
+        let timeout = tokio::time::sleep_until(deadline);
+        tokio::pin!(slot, timeout);
+        loop {
+            let came = waiter.idle_came();
+            tokio::pin!(came);
+            came.as_mut().enable();
+            if let Some((conn, s)) = self.take_idle(held) {
+                return Some(Room::Idle(conn, s));
+            }
+            cap.close_idle_elsewhere(self);
+            tokio::select! {
+                biased;
+                s = &mut slot => return s.map(Room::Slot),
+                _ = &mut came => {}
+                _ = &mut timeout => return None,
+            }
+        }
     }
 
     /// Remembers a new connection's ParameterStatus for new clients; when
@@ -361,14 +400,16 @@ impl Pool {
                 conn,
                 slot: Some(slot),
             });
-        } else {
-            idle.push(Idle { conn, slot: None });
             drop(idle);
-            drop(slot);
+            // A spare: a pool waiting on the full backend may use it.
+            if let Some(cap) = &self.cap {
+                cap.idle_returned();
+            }
+            return;
         }
-        if let Some(cap) = &self.cap {
-            cap.idle_returned();
-        }
+        idle.push(Idle { conn, slot: None });
+        drop(idle);
+        drop(slot);
     }
 
     /// Closes idle connections past their idle timeout or lifetime, then
@@ -492,7 +533,7 @@ impl Pools {
             let mut caps = lock(&self.caps);
             let cap = caps
                 .entry(backend.clone())
-                .or_insert_with(|| Arc::new(BackendCap::new(cfg.max_backend_connections)));
+                .or_insert_with(|| BackendCap::new(cfg.max_backend_connections));
             cap.clone()
         });
         let p = Arc::new(Pool::new(
@@ -515,11 +556,20 @@ impl Pools {
     pub fn set_config(&self, cfg: Arc<Config>, server_tls: Option<Arc<ServerTls>>, replace: bool) {
         self.cfg.store(cfg);
         self.server_tls.store(server_tls);
+        {
+            // The retired pools' connections keep their slots until they
+            // close, so the bound holds across a reload: one set of slots
+            // per backend, resized.
+            let max = self.cfg.load().max_backend_connections;
+            let mut caps = lock(&self.caps);
+            if max == 0 {
+                caps.clear();
+            }
+            for cap in caps.values() {
+                cap.resize(max);
+            }
+        }
         if replace {
-            // New pools share new slots (max_backend_connections may have
-            // changed); the retired pools' connections close as they come
-            // back.
-            lock(&self.caps).clear();
             self.retire_unless(|_, _| false);
         }
     }

@@ -362,6 +362,30 @@ fn max_backend_connections_bounds_a_backends_servers_across_pools() {
     assert_eq!(proxy_backends(&pg), 2, "past the bound");
     assert_eq!(waiting_for_backend(&p), 0);
     p.rt.block_on(c.batch_execute("commit")).unwrap();
+    drop(p);
+
+    // One pool on a backend bounded to one connection: a client waiting
+    // for room takes its own pool's connection as soon as it is idle.
+    let mut cfg = config(&pg, PoolMode::Transaction);
+    cfg.pool_size = 5;
+    cfg.max_backend_connections = 1;
+    cfg.checkout_timeout = Duration::from_secs(10);
+    let p = Running::start(cfg);
+    let port = p.rw();
+    let (x, y) =
+        p.rt.block_on(async { (Running::client(port).await, Running::client(port).await) });
+    p.rt.block_on(x.batch_execute("begin")).unwrap();
+    let y_query =
+        p.rt.spawn(async move { y.simple_query("select 1").await.map(|_| ()) });
+    pgha_local::wait_until("Y waits for room", Duration::from_secs(10), || {
+        Ok((waiting_for_backend(&p) == 1).then_some(()))
+    })
+    .unwrap();
+    p.rt.block_on(x.batch_execute("commit")).unwrap();
+    p.rt.block_on(y_query)
+        .unwrap()
+        .expect("Y got X's connection when it went idle");
+    assert_eq!(proxy_backends(&pg), 1, "past the bound");
 }
 
 /// Transaction mode hands each transaction whichever server is free; the

@@ -310,6 +310,19 @@ fn clients_idle_past_their_limit_are_closed_and_their_transaction_rolled_back() 
         quiet_from.elapsed() >= idle_limit,
         "closed before its limit"
     );
+
+    // The start of a message is not one: a client that sends a few bytes
+    // of its next query and stalls is still quiet since its last reply.
+    let mut stalled = Raw::connect(p.rw());
+    stalled.query("begin");
+    let quiet_from = Instant::now();
+    stalled.query("select 3");
+    stalled.send(b"Q\0\0");
+    closed_with(&mut stalled, "25P03");
+    assert!(
+        quiet_from.elapsed() >= in_tx_limit,
+        "closed before its limit"
+    );
 }
 
 /// How many clients the proxy pinned so far (`pgha_proxy_clients_pinned_total`).

@@ -130,8 +130,12 @@ impl<C: ClientIo> Session<C> {
             Ev::Client(n) => {
                 self.shared.metrics.bytes_in.increment(n as u64);
                 // Activity, even if this turn ends idle again: the bell
-                // learns it now, before a wait for a server.
-                if st.idle_told.take().is_some_and(|i| i != Idle::Busy) {
+                // learns it now, before a wait for a server. Only a whole
+                // message counts (as PostgreSQL's idle timers): a client
+                // that sends a few bytes and stalls stays idle since its
+                // last one.
+                if st.idle_told.is_some_and(|i| i != Idle::Busy) && self.whole_message_kept() {
+                    st.idle_told = None;
                     self.bell.busy();
                 }
                 self.on_client_data().await
@@ -157,7 +161,7 @@ impl<C: ClientIo> Session<C> {
     /// the server, no client bytes kept (inside a transaction when it
     /// holds a server whose last ReadyForQuery was not idle).
     fn idleness(&self) -> Idle {
-        if !self.cbuf.is_empty() {
+        if self.whole_message_kept() {
             return Idle::Busy;
         }
         match &self.server {
@@ -166,6 +170,16 @@ impl<C: ClientIo> Session<C> {
             Some(co) if co.conn.tracker.status() == b'I' => Idle::BetweenTransactions,
             Some(_) => Idle::InTransaction,
         }
+    }
+
+    /// Client bytes kept that make a whole message (or a malformed one,
+    /// which ends the session anyway), not just the start of one.
+    fn whole_message_kept(&self) -> bool {
+        !self.cbuf.is_empty()
+            && !matches!(
+                crate::protocol::peek_frame(&self.cbuf, self.cfg.max_message_size),
+                Ok(None)
+            )
     }
 
     /// Tells the bell when the session starts waiting for its client, for
