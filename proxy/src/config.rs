@@ -28,10 +28,11 @@ pub enum ConfigError {
 /// Keys a reload (SIGHUP) cannot apply: the listeners, threads, pool mode,
 /// identity and where the topology comes from. A change is logged and
 /// waits for a restart.
-pub const RESTART_KEYS: [&str; 7] = [
+pub const RESTART_KEYS: [&str; 8] = [
     "id",
     "listen_rw",
     "listen_ro",
+    "unix_socket_dir",
     "listen_admin",
     "workers",
     "pool_mode",
@@ -136,6 +137,10 @@ pub struct Config {
     pub listen_rw: SocketAddr,
     /// Read-only listener. Default `127.0.0.1:6433`.
     pub listen_ro: SocketAddr,
+    /// Also listen on Unix-domain sockets in this directory, named as
+    /// PostgreSQL names its own: `.s.PGSQL.<port>` for the read-write and
+    /// the read-only port (libpq: `host=<dir> port=6432`). Default none.
+    pub unix_socket_dir: Option<PathBuf>,
     /// Admin HTTP (/metrics, /status, /health, POST /pause /resume).
     /// Default `127.0.0.1:9930`.
     pub listen_admin: SocketAddr,
@@ -274,6 +279,7 @@ impl Default for Config {
             id: "proxy".into(),
             listen_rw: SocketAddr::from(([127, 0, 0, 1], 6432)),
             listen_ro: SocketAddr::from(([127, 0, 0, 1], 6433)),
+            unix_socket_dir: None,
             listen_admin: SocketAddr::from(([127, 0, 0, 1], 9930)),
             admin_token: None,
             shutdown_drain_timeout: Duration::from_secs(10),
@@ -331,6 +337,7 @@ impl Config {
                 &mut c.tls_cert_file,
                 &mut c.tls_key_file,
                 &mut c.server_tls_ca_file,
+                &mut c.unix_socket_dir,
             ]
             .into_iter()
             .flatten()
@@ -370,6 +377,7 @@ impl Config {
         self.id.clone_from(&old.id);
         self.listen_rw = old.listen_rw;
         self.listen_ro = old.listen_ro;
+        self.unix_socket_dir.clone_from(&old.unix_socket_dir);
         self.listen_admin = old.listen_admin;
         self.workers = old.workers;
         self.pool_mode = old.pool_mode;
@@ -420,6 +428,16 @@ impl Config {
                         "must be 0s (off) or at least {tick:?} (idle clients are checked every {tick:?})"
                     ),
                 });
+            }
+        }
+        if let Some(dir) = &self.unix_socket_dir {
+            // sun_path holds 107 bytes and a NUL.
+            let longest = dir.join(".s.PGSQL.65535");
+            if longest.as_os_str().len() > 107 {
+                return err(
+                    "unix_socket_dir",
+                    "is too long: a socket path in it would pass the 107 bytes Unix allows",
+                );
             }
         }
         self.validate_tcp()?;

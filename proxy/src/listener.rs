@@ -1,13 +1,17 @@
 //! Starting and stopping the proxy: binds the read-write and read-only
-//! listeners, spawns one session per client, and stops on a cancellation
-//! token. Tests run the proxy in-process through [`Proxy::start`].
+//! listeners (TCP, and Unix-domain sockets with `unix_socket_dir`), spawns
+//! one session per client, and stops on a cancellation token. Tests run the proxy in-process through [`Proxy::start`].
 //! May call: `session`, `topology`, `config`, `auth` (loading users),
 //! `sockopt`.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -29,6 +33,8 @@ pub enum StartError {
     Config(String),
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    #[error("cannot listen on {path:?}: {reason}")]
+    Unix { path: PathBuf, reason: String },
 }
 
 /// A running proxy.
@@ -45,6 +51,9 @@ pub struct ProxyHandle {
     pub tasks: TaskTracker,
     /// Client sessions only: what a drain waits for.
     pub sessions: TaskTracker,
+    /// The Unix-domain sockets listened on (`unix_socket_dir`), removed
+    /// when the proxy stops.
+    pub unix_sockets: Vec<PathBuf>,
 }
 
 impl ProxyHandle {
@@ -56,6 +65,15 @@ impl ProxyHandle {
         self.sessions.close();
         self.tasks.wait().await;
         self.sessions.wait().await;
+        self.remove_unix_sockets();
+    }
+
+    fn remove_unix_sockets(&self) {
+        for path in &self.unix_sockets {
+            if let Err(e) = std::fs::remove_file(path) {
+                tracing::warn!(?path, error = %e, "cannot remove the socket file");
+            }
+        }
     }
 
     /// Graceful stop (SIGTERM): stop accepting, let each client finish the
@@ -75,6 +93,7 @@ impl ProxyHandle {
         self.shared.bells.stop();
         self.tasks.wait().await;
         self.sessions.wait().await;
+        self.remove_unix_sockets();
     }
 }
 
@@ -108,15 +127,26 @@ impl Proxy {
             l.local_addr()
                 .map_err(|source| StartError::Bind { addr, source })
         };
+        let (rw_addr, ro_addr) = (local(&rw, cfg.listen_rw)?, local(&ro, cfg.listen_ro)?);
+        // Named after the ports bound (port 0 in tests): what libpq
+        // looks for with host=<dir> port=<port>.
+        let unix = match &cfg.unix_socket_dir {
+            Some(dir) => vec![
+                (bind_unix(dir, rw_addr.port())?, Route::ReadWrite),
+                (bind_unix(dir, ro_addr.port())?, Route::ReadOnly),
+            ],
+            None => Vec::new(),
+        };
         let handle = ProxyHandle {
-            rw_addr: local(&rw, cfg.listen_rw)?,
-            ro_addr: local(&ro, cfg.listen_ro)?,
+            rw_addr,
+            ro_addr,
             admin_addr: local(&admin, cfg.listen_admin)?,
             shared: shared.clone(),
             accepting: shutdown.child_token(),
             shutdown,
             tasks: TaskTracker::new(),
             sessions: TaskTracker::new(),
+            unix_sockets: unix.iter().map(|((_, path), _)| path.clone()).collect(),
         };
         handle.tasks.spawn(crate::admin::serve(
             admin,
@@ -133,15 +163,25 @@ impl Proxy {
                 handle.shutdown.clone(),
             ));
         }
+        let ctx = || AcceptCtx {
+            shared: shared.clone(),
+            accepting: handle.accepting.clone(),
+            tasks: handle.sessions.clone(),
+        };
         for (l, route) in [(rw, Route::ReadWrite), (ro, Route::ReadOnly)] {
             let l = Arc::new(l);
             shared.sockets.listen(&l);
-            let ctx = AcceptCtx {
-                shared: shared.clone(),
-                accepting: handle.accepting.clone(),
-                tasks: handle.sessions.clone(),
-            };
-            handle.tasks.spawn(accept_loop(l, route, ctx));
+            handle
+                .tasks
+                .spawn(accept_loop(l, route, ctx(), crate::session::serve_tcp));
+        }
+        for ((l, _), route) in unix {
+            handle.tasks.spawn(accept_loop(
+                Arc::new(l),
+                route,
+                ctx(),
+                crate::session::serve_unix,
+            ));
         }
         handle
             .tasks
@@ -196,7 +236,37 @@ struct AcceptCtx {
     tasks: TaskTracker,
 }
 
-async fn accept_loop(l: Arc<TcpListener>, route: Route, ctx: AcceptCtx) {
+/// A listener the proxy accepts clients on: TCP or a Unix-domain socket.
+trait Accept: Send + Sync + 'static {
+    type Stream: Send + 'static;
+    fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<Self::Stream>>;
+}
+
+impl Accept for TcpListener {
+    type Stream = tokio::net::TcpStream;
+    fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<Self::Stream>> {
+        TcpListener::poll_accept(self, cx).map_ok(|(s, _)| s)
+    }
+}
+
+impl Accept for UnixListener {
+    type Stream = tokio::net::UnixStream;
+    fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<Self::Stream>> {
+        UnixListener::poll_accept(self, cx).map_ok(|(s, _)| s)
+    }
+}
+
+/// Accepts clients until the proxy stops accepting; each is served by a
+/// task of its own, `serve`.
+async fn accept_loop<L, F>(
+    l: Arc<L>,
+    route: Route,
+    ctx: AcceptCtx,
+    serve: fn(Arc<Shared>, L::Stream, Route) -> F,
+) where
+    L: Accept,
+    F: Future<Output = ()> + Send + 'static,
+{
     let AcceptCtx {
         shared,
         accepting,
@@ -209,16 +279,42 @@ async fn accept_loop(l: Arc<TcpListener>, route: Route, ctx: AcceptCtx) {
         let accepted = tokio::select! {
             biased;
             _ = &mut stop => return,
-            a = l.accept() => a,
+            a = std::future::poll_fn(|cx| l.poll_accept(cx)) => a,
         };
         match accepted {
-            Ok((stream, _)) => {
-                // TCP options: inherited from the listener (see `sockopt`).
-                tasks.spawn(crate::session::serve_tcp(shared.clone(), stream, route));
+            // TCP options: inherited from the listener (see `sockopt`).
+            Ok(stream) => {
+                tasks.spawn(serve(shared.clone(), stream, route));
             }
             Err(e) => tracing::warn!(error = %e, "accept failed"),
         }
     }
+}
+
+/// Listens on `<dir>/.s.PGSQL.<port>`, open to every local user (as
+/// PostgreSQL's default `unix_socket_permissions`). A socket file left by
+/// a proxy that was killed is replaced; one a live process listens on,
+/// or a file that is not a socket, is left alone and refused.
+fn bind_unix(dir: &Path, port: u16) -> Result<(UnixListener, PathBuf), StartError> {
+    let path = dir.join(format!(".s.PGSQL.{port}"));
+    let refuse = |reason: String| StartError::Unix {
+        path: path.clone(),
+        reason,
+    };
+    if let Ok(meta) = std::fs::symlink_metadata(&path) {
+        if !meta.file_type().is_socket() {
+            return Err(refuse("a file that is not a socket is in the way".into()));
+        }
+        if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+            return Err(refuse("another process listens on it".into()));
+        }
+        std::fs::remove_file(&path)
+            .map_err(|e| refuse(format!("cannot remove the stale socket: {e}")))?;
+    }
+    let l = UnixListener::bind(&path).map_err(|e| refuse(e.to_string()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777))
+        .map_err(|e| refuse(e.to_string()))?;
+    Ok((l, path))
 }
 
 /// Rings every session's doorbell when the routing table changes and when

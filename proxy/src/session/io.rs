@@ -7,7 +7,8 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::{buffers, Session, SessionError};
 
-/// A client connection: plain TCP, TLS, or an in-memory pipe in tests.
+/// A client connection: plain TCP, TLS, a Unix-domain socket, or an
+/// in-memory pipe in tests.
 pub trait ClientIo: AsyncRead + AsyncWrite + WriteNow + Unpin + Send {}
 
 impl<T: AsyncRead + AsyncWrite + WriteNow + Unpin + Send> ClientIo for T {}
@@ -24,12 +25,23 @@ pub trait WriteNow {
     }
 }
 
+/// `try_write`, with a full socket as 0 bytes.
+fn written(r: std::io::Result<usize>) -> std::io::Result<usize> {
+    match r {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(0),
+        r => r,
+    }
+}
+
 impl WriteNow for tokio::net::TcpStream {
     fn write_now(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match self.try_write(buf) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(0),
-            r => r,
-        }
+        written(self.try_write(buf))
+    }
+}
+
+impl WriteNow for tokio::net::UnixStream {
+    fn write_now(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        written(self.try_write(buf))
     }
 }
 
