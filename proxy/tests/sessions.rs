@@ -325,6 +325,45 @@ fn clients_idle_past_their_limit_are_closed_and_their_transaction_rolled_back() 
     );
 }
 
+/// The same limits in session mode, where a client holds its server for
+/// its whole life: quiet inside a transaction, 25P03, and the server is
+/// closed, not reset and pooled (the next client gets a new backend and
+/// the quiet transaction's row lock is gone); quiet between transactions,
+/// 57P05, and the server is reset and kept for the next client.
+#[test]
+fn in_session_mode_idle_limits_close_the_client_and_free_or_keep_its_server() {
+    let (_sb, pg) = primary("px-idle-session");
+    let mut cfg = config(&pg, PoolMode::Session);
+    cfg.pool_size = 1;
+    cfg.checkout_timeout = Duration::from_secs(10);
+    cfg.idle_transaction_timeout = Duration::from_millis(500);
+    cfg.client_idle_timeout = Duration::from_millis(800);
+    let p = Running::start(cfg);
+    pg.psql("create table s(id int primary key, n int); insert into s values (1, 0)")
+        .unwrap();
+    let pid = "select pg_backend_pid()::text";
+
+    let mut quiet_tx = Raw::connect(p.rw());
+    let first = quiet_tx.query(pid)[0].clone();
+    quiet_tx.query("begin");
+    quiet_tx.query("update s set n = -1 where id = 1");
+    closed_with(&mut quiet_tx, "25P03");
+    let mut next = Raw::connect(p.rw());
+    let second = next.query(pid)[0].clone();
+    assert_ne!(
+        first, second,
+        "a server closed inside a transaction was pooled"
+    );
+    assert_eq!(
+        next.query("update s set n = n + 1 where id = 1 returning n::text"),
+        ["1"]
+    );
+
+    closed_with(&mut next, "57P05");
+    let mut last = Raw::connect(p.rw());
+    assert_eq!(last.query(pid), [second], "the clean server was kept");
+}
+
 /// How many clients the proxy pinned so far (`pgha_proxy_clients_pinned_total`).
 fn pinned(p: &Running) -> u64 {
     let shared = p.handle().shared.clone();
