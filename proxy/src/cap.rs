@@ -27,8 +27,10 @@ pub struct BackendCap {
     /// The bound now.
     max: AtomicUsize,
     /// Slots to retire as they come back, after the bound shrank below
-    /// what was in use.
-    owed: AtomicUsize,
+    /// what was in use. A lock, not an atomic: a slot coming back and a
+    /// reload shrinking the bound must not interleave (closes and reloads
+    /// are rare).
+    owed: Mutex<usize>,
     /// The pools sharing them, for closing one's idle connection.
     pools: Mutex<Vec<Weak<Pool>>>,
     /// Pools waiting for a slot now.
@@ -46,13 +48,16 @@ pub struct CapSlot {
 
 impl Drop for CapSlot {
     fn drop(&mut self) {
-        // Owed to a smaller bound: the slot goes instead of coming back.
-        let owed = self
-            .cap
-            .owed
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
-        if let (Ok(_), Some(p)) = (owed, self.permit.take()) {
+        let mut owed = lock(&self.cap.owed);
+        let Some(p) = self.permit.take() else {
+            return;
+        };
+        if *owed > 0 {
+            // Owed to a smaller bound: the slot goes instead of coming back.
+            *owed -= 1;
             p.forget();
+        } else {
+            drop(p);
         }
     }
 }
@@ -62,7 +67,7 @@ impl BackendCap {
         Arc::new(BackendCap {
             slots: Arc::new(Semaphore::new(max)),
             max: AtomicUsize::new(max),
-            owed: AtomicUsize::new(0),
+            owed: Mutex::new(0),
             pools: Mutex::new(Vec::new()),
             waiting: AtomicUsize::new(0),
             idle_came: Notify::new(),
@@ -71,29 +76,18 @@ impl BackendCap {
 
     /// A reload set the bound to `max` (at least 1).
     pub fn resize(&self, max: usize) {
+        let mut owed = lock(&self.owed);
         let old = self.max.swap(max, Ordering::AcqRel);
         if max > old {
-            let mut more = max - old;
             // Paying back a debt first.
-            while more > 0 {
-                let owed = self.owed.load(Ordering::Acquire);
-                if owed == 0 {
-                    break;
-                }
-                let pay = owed.min(more);
-                if self
-                    .owed
-                    .compare_exchange(owed, owed - pay, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-                {
-                    more -= pay;
-                }
-            }
-            self.slots.add_permits(more);
+            let more = max - old;
+            let pay = (*owed).min(more);
+            *owed -= pay;
+            self.slots.add_permits(more - pay);
         } else {
             let less = old - max;
             let now = self.slots.forget_permits(less);
-            self.owed.fetch_add(less - now, Ordering::AcqRel);
+            *owed += less - now;
         }
     }
 

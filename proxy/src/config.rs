@@ -431,6 +431,13 @@ impl Config {
             }
         }
         if let Some(dir) = &self.unix_socket_dir {
+            let (rw, ro) = (self.listen_rw.port(), self.listen_ro.port());
+            if rw == ro && rw != 0 {
+                return err(
+                    "unix_socket_dir",
+                    "needs listen_rw and listen_ro on different ports: the socket files are named after them",
+                );
+            }
             // sun_path holds 107 bytes and a NUL.
             let longest = dir.join(".s.PGSQL.65535");
             if longest.as_os_str().len() > 107 {
@@ -626,6 +633,21 @@ mod tests {
             let c = Config::parse(&format!("{key} = \"0s\"\n{MINIMAL}")).unwrap();
             assert!(c.client_idle_timeout.is_zero() && c.idle_transaction_timeout.is_zero());
         }
+        let e = Config::parse(&format!(
+            "unix_socket_dir = \"/run/pgha\"\nlisten_rw = \"127.0.0.1:7000\"\nlisten_ro = \"127.0.0.2:7000\"\n{MINIMAL}"
+        ))
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("`unix_socket_dir`: needs listen_rw and listen_ro on different ports"),
+            "{e}"
+        );
+        let long = format!("unix_socket_dir = \"/{}\"\n{MINIMAL}", "d".repeat(100));
+        let e = Config::parse(&long).unwrap_err();
+        assert!(
+            e.to_string().contains("`unix_socket_dir`: is too long"),
+            "{e}"
+        );
         let c = Config::parse(&format!("idle_transaction_timeout = \"30s\"\n{MINIMAL}")).unwrap();
         assert_eq!(c.idle_transaction_timeout, Duration::from_secs(30));
     }

@@ -6,7 +6,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -51,8 +51,8 @@ pub struct ProxyHandle {
     pub tasks: TaskTracker,
     /// Client sessions only: what a drain waits for.
     pub sessions: TaskTracker,
-    /// The Unix-domain sockets listened on (`unix_socket_dir`), removed
-    /// when the proxy stops.
+    /// The Unix-domain sockets listened on (`unix_socket_dir`); each file
+    /// is removed when its listener stops accepting.
     pub unix_sockets: Vec<PathBuf>,
 }
 
@@ -65,15 +65,6 @@ impl ProxyHandle {
         self.sessions.close();
         self.tasks.wait().await;
         self.sessions.wait().await;
-        self.remove_unix_sockets();
-    }
-
-    fn remove_unix_sockets(&self) {
-        for path in &self.unix_sockets {
-            if let Err(e) = std::fs::remove_file(path) {
-                tracing::warn!(?path, error = %e, "cannot remove the socket file");
-            }
-        }
     }
 
     /// Graceful stop (SIGTERM): stop accepting, let each client finish the
@@ -93,7 +84,6 @@ impl ProxyHandle {
         self.shared.bells.stop();
         self.tasks.wait().await;
         self.sessions.wait().await;
-        self.remove_unix_sockets();
     }
 }
 
@@ -130,13 +120,17 @@ impl Proxy {
         let (rw_addr, ro_addr) = (local(&rw, cfg.listen_rw)?, local(&ro, cfg.listen_ro)?);
         // Named after the ports bound (port 0 in tests): what libpq
         // looks for with host=<dir> port=<port>.
-        let unix = match &cfg.unix_socket_dir {
-            Some(dir) => vec![
-                (bind_unix(dir, rw_addr.port())?, Route::ReadWrite),
-                (bind_unix(dir, ro_addr.port())?, Route::ReadOnly),
-            ],
-            None => Vec::new(),
-        };
+        // Held until the accept loops take them: a start that fails from
+        // here on removes the files it made.
+        let mut unix = Vec::new();
+        if let Some(dir) = &cfg.unix_socket_dir {
+            for (port, route) in [
+                (rw_addr.port(), Route::ReadWrite),
+                (ro_addr.port(), Route::ReadOnly),
+            ] {
+                unix.push((bind_unix(dir, port).await?, route));
+            }
+        }
         let handle = ProxyHandle {
             rw_addr,
             ro_addr,
@@ -146,7 +140,7 @@ impl Proxy {
             shutdown,
             tasks: TaskTracker::new(),
             sessions: TaskTracker::new(),
-            unix_sockets: unix.iter().map(|((_, path), _)| path.clone()).collect(),
+            unix_sockets: unix.iter().map(|(l, _)| l.file.path.clone()).collect(),
         };
         handle.tasks.spawn(crate::admin::serve(
             admin,
@@ -175,7 +169,7 @@ impl Proxy {
                 .tasks
                 .spawn(accept_loop(l, route, ctx(), crate::session::serve_tcp));
         }
-        for ((l, _), route) in unix {
+        for (l, route) in unix {
             handle.tasks.spawn(accept_loop(
                 Arc::new(l),
                 route,
@@ -249,10 +243,36 @@ impl Accept for TcpListener {
     }
 }
 
-impl Accept for UnixListener {
+impl Accept for UnixSocket {
     type Stream = tokio::net::UnixStream;
     fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<Self::Stream>> {
-        UnixListener::poll_accept(self, cx).map_ok(|(s, _)| s)
+        self.listener.poll_accept(cx).map_ok(|(s, _)| s)
+    }
+}
+
+/// A Unix-domain listener and its socket file, removed when it is dropped
+/// (the accept loop ends, or the start fails) if it is still this
+/// listener's: a proxy started meanwhile may have replaced it.
+struct UnixSocket {
+    listener: UnixListener,
+    file: SocketFile,
+}
+
+struct SocketFile {
+    path: PathBuf,
+    /// (device, inode) of the file this listener made.
+    id: (u64, u64),
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let ours =
+            std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.id);
+        if ours {
+            if let Err(e) = std::fs::remove_file(&self.path) {
+                tracing::warn!(path = ?self.path, error = %e, "cannot remove the socket file");
+            }
+        }
     }
 }
 
@@ -295,7 +315,7 @@ async fn accept_loop<L, F>(
 /// PostgreSQL's default `unix_socket_permissions`). A socket file left by
 /// a proxy that was killed is replaced; one a live process listens on,
 /// or a file that is not a socket, is left alone and refused.
-fn bind_unix(dir: &Path, port: u16) -> Result<(UnixListener, PathBuf), StartError> {
+async fn bind_unix(dir: &Path, port: u16) -> Result<UnixSocket, StartError> {
     let path = dir.join(format!(".s.PGSQL.{port}"));
     let refuse = |reason: String| StartError::Unix {
         path: path.clone(),
@@ -305,16 +325,32 @@ fn bind_unix(dir: &Path, port: u16) -> Result<(UnixListener, PathBuf), StartErro
         if !meta.file_type().is_socket() {
             return Err(refuse("a file that is not a socket is in the way".into()));
         }
-        if std::os::unix::net::UnixStream::connect(&path).is_ok() {
-            return Err(refuse("another process listens on it".into()));
+        // Stale only if nothing listens: a refused connection. Anything
+        // else (accepted, no permission, a full backlog) may be a live
+        // server's.
+        let probe = std::time::Duration::from_secs(1);
+        match tokio::time::timeout(probe, tokio::net::UnixStream::connect(&path)).await {
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+            Ok(Ok(_)) => return Err(refuse("another process listens on it".into())),
+            Ok(Err(e)) => return Err(refuse(format!("it may be in use ({e})"))),
+            Err(_) => {
+                return Err(refuse(
+                    "another process listens on it (it did not answer)".into(),
+                ))
+            }
         }
         std::fs::remove_file(&path)
             .map_err(|e| refuse(format!("cannot remove the stale socket: {e}")))?;
     }
-    let l = UnixListener::bind(&path).map_err(|e| refuse(e.to_string()))?;
+    let listener = UnixListener::bind(&path).map_err(|e| refuse(e.to_string()))?;
+    let meta = std::fs::symlink_metadata(&path).map_err(|e| refuse(e.to_string()))?;
+    let file = SocketFile {
+        path: path.clone(),
+        id: (meta.dev(), meta.ino()),
+    };
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777))
         .map_err(|e| refuse(e.to_string()))?;
-    Ok((l, path))
+    Ok(UnixSocket { listener, file })
 }
 
 /// Rings every session's doorbell when the routing table changes and when

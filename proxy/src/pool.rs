@@ -14,6 +14,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Duration;
 
 use crate::clock;
@@ -323,6 +324,10 @@ impl Pool {
         held: &mut Option<OwnedSemaphorePermit>,
         deadline: tokio::time::Instant,
     ) -> Option<Room> {
+        // The common case: the backend has room.
+        if let Some(s) = cap.try_slot() {
+            return Some(Room::Slot(s));
+        }
         let _counted = Waiting::new(&self.waiting_for_backend);
         let waiter = cap.waiter();
         // Made once: its place in line is kept across wake-ups.
@@ -335,6 +340,15 @@ impl Pool {
             came.as_mut().enable();
             if let Some((conn, s)) = self.take_idle(held) {
                 return Some(Room::Idle(conn, s));
+            }
+            // Another pool's connection is closed only if no slot is ours
+            // yet (polling also takes or keeps the place in line).
+            let now = std::future::poll_fn(|cx| {
+                Poll::Ready(std::future::Future::poll(slot.as_mut(), cx))
+            })
+            .await;
+            if let Poll::Ready(s) = now {
+                return s.map(Room::Slot);
             }
             cap.close_idle_elsewhere(self);
             tokio::select! {
@@ -395,21 +409,24 @@ impl Pool {
         let mut idle = lock(&self.idle);
         // Read under the lock a waiting client takes after counting itself
         // (see `checkout`): either it finds this connection, or this sees it.
-        if self.waiting.load(Ordering::Relaxed) == 0 {
+        let slot_left = if self.waiting.load(Ordering::Relaxed) == 0 {
             idle.push(Idle {
                 conn,
                 slot: Some(slot),
             });
-            drop(idle);
-            // A spare: a pool waiting on the full backend may use it.
-            if let Some(cap) = &self.cap {
-                cap.idle_returned();
-            }
-            return;
-        }
-        idle.push(Idle { conn, slot: None });
+            None
+        } else {
+            idle.push(Idle { conn, slot: None });
+            Some(slot)
+        };
         drop(idle);
-        drop(slot);
+        // The waiting client's, taken after the lock is free.
+        drop(slot_left);
+        // A pool waiting on the full backend may use it (or, a spare,
+        // close it).
+        if let Some(cap) = &self.cap {
+            cap.idle_returned();
+        }
     }
 
     /// Closes idle connections past their idle timeout or lifetime, then
@@ -529,13 +546,17 @@ impl Pools {
         }
         let cfg = self.cfg.load_full();
         let connect = self.opts(&cfg, cfg.prepared_cache_size);
-        let cap = (cfg.max_backend_connections > 0).then(|| {
+        let cap = {
+            // The bound read under the lock a reload resizes under.
             let mut caps = lock(&self.caps);
-            let cap = caps
-                .entry(backend.clone())
-                .or_insert_with(|| BackendCap::new(cfg.max_backend_connections));
-            cap.clone()
-        });
+            let max = self.cfg.load().max_backend_connections;
+            (max > 0).then(|| {
+                let cap = caps
+                    .entry(backend.clone())
+                    .or_insert_with(|| BackendCap::new(max));
+                cap.clone()
+            })
+        };
         let p = Arc::new(Pool::new(
             backend.clone(),
             route,
@@ -560,8 +581,8 @@ impl Pools {
             // The retired pools' connections keep their slots until they
             // close, so the bound holds across a reload: one set of slots
             // per backend, resized.
-            let max = self.cfg.load().max_backend_connections;
             let mut caps = lock(&self.caps);
+            let max = self.cfg.load().max_backend_connections;
             if max == 0 {
                 caps.clear();
             }
