@@ -182,8 +182,13 @@ impl LocalStack {
                 users,
                 ports: Some(state.proxy),
                 // Clients wait through a failover (about one lease ttl)
-                // instead of getting errors.
-                extra_config: vec!["leader_wait_timeout = \"20s\"".into()],
+                // instead of getting errors. The proxy leaves room under
+                // the node's max_connections (100) for the agent,
+                // replication and an operator's psql, however many pools.
+                extra_config: vec![
+                    "leader_wait_timeout = \"20s\"".into(),
+                    "max_backend_connections = 80".into(),
+                ],
             },
         )?;
         let stack = LocalStack {
