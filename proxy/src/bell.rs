@@ -8,7 +8,7 @@
 //! and a flag load. Ringing all of them is rare and walks the registry.
 //!
 //! The bell also ends a client that does not finish its startup in time:
-//! one sweeper, ticking every [`STARTUP_TICK`], stops the bells of
+//! one sweeper, ticking every [`SWEEP_TICK`], stops the bells of
 //! sessions still starting past their deadline, instead of a timer per
 //! new client (a timer costs a wheel insertion and removal, and a clock
 //! read, on every connection). May call: `atomic_waker`.
@@ -73,7 +73,6 @@ impl IdleLimits {
     /// The limits of `client_idle_timeout` and `idle_transaction_timeout`,
     /// rounded up to whole ticks.
     pub fn new(client: Duration, in_transaction: Duration) -> IdleLimits {
-        let ticks = |d: Duration| d.as_nanos().div_ceil(STARTUP_TICK.as_nanos()) as u64;
         IdleLimits {
             client: ticks(client),
             in_transaction: ticks(in_transaction),
@@ -92,10 +91,16 @@ const STARTING: u8 = 1;
 /// The deadline passed before the login finished: the session was stopped.
 const EXPIRED: u8 = 2;
 
-/// How often the startup sweeper runs: the resolution of `startup_timeout`
-/// (a client is dropped between the timeout and two ticks after it: the
-/// timeout is rounded up to whole ticks, plus the tick in progress).
-pub const STARTUP_TICK: Duration = Duration::from_millis(100);
+/// How often the sweeper runs: the resolution of `startup_timeout` and of
+/// the idle limits (a client is dropped between its limit and two ticks
+/// after it: the limit is rounded up to whole ticks, plus the tick in
+/// progress), and how soon a slow reply makes a session watch its client.
+pub const SWEEP_TICK: Duration = Duration::from_millis(100);
+
+/// `d` in whole sweeper ticks, rounded up.
+fn ticks(d: Duration) -> u64 {
+    d.as_nanos().div_ceil(SWEEP_TICK.as_nanos()) as u64
+}
 
 impl Doorbell {
     fn ring(&self) {
@@ -310,9 +315,8 @@ impl Bells {
     pub fn register_starting(self: &Arc<Self>, timeout: Duration) -> Registered {
         let r = self.register();
         r.bell.startup.store(STARTING, Ordering::Release);
-        let ticks = timeout.as_nanos().div_ceil(STARTUP_TICK.as_nanos());
         // +1: the current tick may be nearly over.
-        let deadline = self.tick.load(Ordering::Acquire) + ticks as u64 + 1;
+        let deadline = self.tick.load(Ordering::Acquire) + ticks(timeout) + 1;
         lock(&self.starting).push_back((deadline, r.bell.clone()));
         r
     }

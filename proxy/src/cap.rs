@@ -18,25 +18,29 @@ use std::sync::{Arc, Mutex, Weak};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::lock;
-use crate::pool::Pool;
+use crate::pool::{Pool, Waiting};
 
 /// The slots of one backend.
 #[derive(Debug)]
 pub struct BackendCap {
     slots: Arc<Semaphore>,
-    /// The bound now.
-    max: AtomicUsize,
-    /// Slots to retire as they come back, after the bound shrank below
-    /// what was in use. A lock, not an atomic: a slot coming back and a
+    /// The bound now, and the slots to retire as they come back after it
+    /// shrank below what was in use. A lock: a slot coming back and a
     /// reload shrinking the bound must not interleave (closes and reloads
     /// are rare).
-    owed: Mutex<usize>,
+    bound: Mutex<Bound>,
     /// The pools sharing them, for closing one's idle connection.
     pools: Mutex<Vec<Weak<Pool>>>,
     /// Pools waiting for a slot now.
     waiting: AtomicUsize,
     /// A spare connection of this backend went idle while a pool waits.
     idle_came: Notify,
+}
+
+#[derive(Debug)]
+struct Bound {
+    max: usize,
+    owed: usize,
 }
 
 /// A slot a connection holds until it closes.
@@ -48,13 +52,13 @@ pub struct CapSlot {
 
 impl Drop for CapSlot {
     fn drop(&mut self) {
-        let mut owed = lock(&self.cap.owed);
+        let mut bound = lock(&self.cap.bound);
         let Some(p) = self.permit.take() else {
             return;
         };
-        if *owed > 0 {
+        if bound.owed > 0 {
             // Owed to a smaller bound: the slot goes instead of coming back.
-            *owed -= 1;
+            bound.owed -= 1;
             p.forget();
         } else {
             drop(p);
@@ -66,8 +70,7 @@ impl BackendCap {
     pub fn new(max: usize) -> Arc<BackendCap> {
         Arc::new(BackendCap {
             slots: Arc::new(Semaphore::new(max)),
-            max: AtomicUsize::new(max),
-            owed: Mutex::new(0),
+            bound: Mutex::new(Bound { max, owed: 0 }),
             pools: Mutex::new(Vec::new()),
             waiting: AtomicUsize::new(0),
             idle_came: Notify::new(),
@@ -76,18 +79,18 @@ impl BackendCap {
 
     /// A reload set the bound to `max` (at least 1).
     pub fn resize(&self, max: usize) {
-        let mut owed = lock(&self.owed);
-        let old = self.max.swap(max, Ordering::AcqRel);
+        let mut bound = lock(&self.bound);
+        let old = std::mem::replace(&mut bound.max, max);
         if max > old {
             // Paying back a debt first.
             let more = max - old;
-            let pay = (*owed).min(more);
-            *owed -= pay;
+            let pay = bound.owed.min(more);
+            bound.owed -= pay;
             self.slots.add_permits(more - pay);
         } else {
             let less = old - max;
             let now = self.slots.forget_permits(less);
-            *owed += less - now;
+            bound.owed += less - now;
         }
     }
 
@@ -113,9 +116,11 @@ impl BackendCap {
 
     /// Waits for a slot in line; see [`crate::pool::Pool::checkout`], which
     /// looks at its own idle list and closes others' between waits.
-    pub fn waiter(self: &Arc<Self>) -> Waiter {
-        self.waiting.fetch_add(1, Ordering::Relaxed);
-        Waiter { cap: self.clone() }
+    pub fn waiter(self: &Arc<Self>) -> Waiter<'_> {
+        Waiter {
+            cap: self,
+            _counted: Waiting::new(&self.waiting),
+        }
     }
 
     /// A spare connection of this backend went idle: a waiting pool may
@@ -150,17 +155,12 @@ impl BackendCap {
 }
 
 /// One pool's place in line for a slot (counted while it waits).
-pub struct Waiter {
-    cap: Arc<BackendCap>,
+pub struct Waiter<'a> {
+    cap: &'a Arc<BackendCap>,
+    _counted: Waiting<'a>,
 }
 
-impl Drop for Waiter {
-    fn drop(&mut self) {
-        self.cap.waiting.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-impl Waiter {
+impl Waiter<'_> {
     /// A wake-up for the next spare connection to go idle; enable it
     /// before looking, so one that goes idle after the look still wakes.
     pub fn idle_came(&self) -> tokio::sync::futures::Notified<'_> {

@@ -1,7 +1,7 @@
 //! A coarse monotonic clock for the pools' bookkeeping (connection ages
 //! and idle times): one relaxed atomic load where a transaction used to
 //! read the clock and subtract twice. Refreshed every
-//! [`crate::bell::STARTUP_TICK`] by the proxy's sweeper, by every pool
+//! [`crate::bell::SWEEP_TICK`] by the proxy's sweeper, by every pool
 //! maintenance pass and whenever a server connection is opened, so it lags
 //! the real clock by about a tick at most; the limits it serves
 //! (`server_idle_timeout`, `server_lifetime`) are seconds. May call: std.

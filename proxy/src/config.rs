@@ -420,7 +420,7 @@ impl Config {
             ("client_idle_timeout", self.client_idle_timeout),
             ("idle_transaction_timeout", self.idle_transaction_timeout),
         ] {
-            let tick = crate::bell::STARTUP_TICK;
+            let tick = crate::bell::SWEEP_TICK;
             if !d.is_zero() && d < tick {
                 return Err(ConfigError::Invalid {
                     key,

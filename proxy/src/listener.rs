@@ -1,6 +1,7 @@
 //! Starting and stopping the proxy: binds the read-write and read-only
 //! listeners (TCP, and Unix-domain sockets with `unix_socket_dir`), spawns
-//! one session per client, and stops on a cancellation token. Tests run the proxy in-process through [`Proxy::start`].
+//! one session per client, and stops on a cancellation token. Tests run
+//! the proxy in-process through [`Proxy::start`].
 //! May call: `session`, `topology`, `config`, `auth` (loading users),
 //! `sockopt`.
 
@@ -119,9 +120,9 @@ impl Proxy {
         };
         let (rw_addr, ro_addr) = (local(&rw, cfg.listen_rw)?, local(&ro, cfg.listen_ro)?);
         // Named after the ports bound (port 0 in tests): what libpq
-        // looks for with host=<dir> port=<port>.
-        // Held until the accept loops take them: a start that fails from
-        // here on removes the files it made.
+        // looks for with host=<dir> port=<port>. Held until the accept
+        // loops take them: a start that fails from here on removes the
+        // files it made.
         let mut unix = Vec::new();
         if let Some(dir) = &cfg.unix_socket_dir {
             for (port, route) in [
@@ -185,7 +186,7 @@ impl Proxy {
             // Clients that have not logged in within startup_timeout or sat
             // idle past client_idle_timeout / idle_transaction_timeout;
             // the pools' coarse clock.
-            let mut tick = tokio::time::interval(crate::bell::STARTUP_TICK);
+            let mut tick = tokio::time::interval(crate::bell::SWEEP_TICK);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
@@ -302,7 +303,8 @@ async fn accept_loop<L, F>(
             a = std::future::poll_fn(|cx| l.poll_accept(cx)) => a,
         };
         match accepted {
-            // TCP options: inherited from the listener (see `sockopt`).
+            // A TCP client's options are inherited from the listener (see
+            // `sockopt`).
             Ok(stream) => {
                 tasks.spawn(serve(shared.clone(), stream, route));
             }

@@ -82,15 +82,16 @@ async fn accept_tls(
 /// has not logged in within `startup_timeout` (from the moment it was
 /// accepted: negotiation, TLS and authentication together).
 pub async fn serve_tcp(shared: Arc<Shared>, stream: tokio::net::TcpStream, route: Route) {
-    let bells = shared.clone();
-    with_startup_deadline(&bells, |bell| serve_client(shared, stream, route, bell)).await;
+    with_startup_deadline(shared, |shared, bell| {
+        serve_client(shared, stream, route, bell)
+    })
+    .await;
 }
 
 /// Serves one client of a Unix-domain socket: as a TCP one, but without
 /// TLS (PostgreSQL offers none there either: an SSLRequest gets `N`).
 pub async fn serve_unix(shared: Arc<Shared>, stream: tokio::net::UnixStream, route: Route) {
-    let bells = shared.clone();
-    with_startup_deadline(&bells, |bell| {
+    with_startup_deadline(shared, |shared, bell| {
         serve(shared, stream, route, BytesMut::new(), bell, None)
     })
     .await;
@@ -100,14 +101,14 @@ pub async fn serve_unix(shared: Arc<Shared>, stream: tokio::net::UnixStream, rou
 /// ends it if the login takes longer than `startup_timeout` and when the
 /// proxy stops.
 async fn with_startup_deadline<F: std::future::Future<Output = ()>>(
-    shared: &Shared,
-    work: impl FnOnce(Arc<Doorbell>) -> F,
+    shared: Arc<Shared>,
+    work: impl FnOnce(Arc<Shared>, Arc<Doorbell>) -> F,
 ) {
     let timeout = shared.cfg().startup_timeout;
     let registered = shared.bells.register_starting(timeout);
     // Boxed once: spawning the task and ending it then move a pointer,
     // not the session's whole state (several copies per connection).
-    let work = Box::pin(work(registered.bell.clone()));
+    let work = Box::pin(work(shared, registered.bell.clone()));
     if registered.bell.until_stopped(work).await.is_none() && registered.bell.startup_expired() {
         tracing::info!("client did not finish startup within {timeout:?}");
     }
