@@ -1,5 +1,6 @@
 //! Operating the proxy: the real binary with a config file (admin HTTP,
-//! SIGHUP reload, SIGTERM), graceful drain, and malformed input.
+//! SIGHUP reload, SIGTERM), graceful drain, malformed input, and the
+//! Unix-domain listeners.
 
 #![allow(clippy::unwrap_used)]
 
@@ -342,4 +343,68 @@ fn metrics_count_the_traffic_clients_send_and_receive() {
         1.0,
         "{end}"
     );
+}
+
+/// `unix_socket_dir`: libpq clients reach both routes through sockets
+/// named as PostgreSQL's (`host=<dir> port=<port>`), psql and pgbench
+/// alike; a socket file a killed proxy left is replaced, one a live
+/// process listens on is refused by name, and the files go when the
+/// proxy stops.
+#[test]
+fn unix_socket_clients_reach_both_routes_and_the_socket_files_are_managed() {
+    let (sb, pg) = primary("px-unix");
+    let dir = sb.subdir("sockets").unwrap();
+    let port = reserve_port().unwrap();
+    // Left by a proxy that died: a socket file no one listens on.
+    let stale = dir.join(format!(".s.PGSQL.{}", port.get()));
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    let mut cfg = config(&pg, PoolMode::Transaction);
+    cfg.listen_rw.set_port(port.get());
+    cfg.unix_socket_dir = Some(dir.clone());
+    let p = Running::start(cfg.clone());
+    let host = dir.to_str().unwrap();
+    let via_socket = |port: u16, sql: &str| {
+        common::psql_conninfo(
+            &format!("host={host} port={port} user=postgres dbname=postgres"),
+            sql,
+        )
+    };
+    assert_eq!(
+        via_socket(p.rw(), "select pg_is_in_recovery()").unwrap(),
+        "f"
+    );
+    via_socket(p.rw(), "create table u(x int); insert into u values (1)").unwrap();
+    assert_eq!(via_socket(p.ro(), "select count(*) from u").unwrap(), "1");
+    let out = Command::new("pgbench")
+        .args(["-n", "-M", "extended", "-c", "4", "-t", "50", "-h", host])
+        .args(["-p", &p.rw().to_string(), "-U", "postgres", "postgres"])
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin
+                .take()
+                .unwrap()
+                .write_all(b"select count(*) from u;\n")?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    assert!(out.status.success(), "pgbench over the socket: {out:?}");
+
+    // A second proxy on the same socket is refused while the first lives.
+    let mut second = cfg.clone();
+    // Its TCP ports bind (another address): only the socket is taken.
+    second.listen_rw.set_port(0);
+    second.listen_ro = std::net::SocketAddr::from(([127, 0, 0, 2], p.ro()));
+    let e =
+        p.rt.block_on(pgha_proxy::Proxy::start(std::sync::Arc::new(second)))
+            .unwrap_err()
+            .to_string();
+    assert!(e.contains("another process listens on it"), "{e}");
+    drop(p);
+    // Neither the refused start (its first socket made) nor the stop
+    // leaves a file.
+    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+    assert!(left.is_empty(), "socket files left behind: {left:?}");
 }

@@ -8,10 +8,9 @@
 //! (every transaction in transaction mode) touch only the idle list.
 //! Connections past their idle timeout or lifetime, closed by the server,
 //! or belonging to a backend that left its role are dropped instead of
-//! reused. May call: `server`,
-//! `router`, `config`, tokio sync.
+//! reused. `pools` keeps every pool, made on first use. May call:
+//! `server`, `router`, `config`, `cap`, tokio sync.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
@@ -21,13 +20,15 @@ use crate::clock;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+mod pools;
+
+pub use pools::Pools;
+
 use crate::cap::{BackendCap, CapSlot};
 use crate::config::Config;
 use crate::lock;
 use crate::router::{Backend, Route};
 use crate::server::{ConnectOpts, Login, Params, ServerConn, ServerError};
-use crate::sockopt::SocketSetup;
-use crate::tls::ServerTls;
 
 /// Why no server connection was handed out.
 #[derive(Debug, thiserror::Error)]
@@ -476,171 +477,5 @@ impl Pool {
                 }
             }
         }
-    }
-}
-
-/// (database, user, startup options, backend, route): read-write pools
-/// hold only connections that confirmed `pg_is_in_recovery() = false`.
-type PoolKey = (String, String, String, Arc<Backend>, Route);
-
-/// Every pool, by (database, user, startup options, backend, route).
-#[derive(Debug)]
-pub struct Pools {
-    /// For pools made from now on; swapped by a reload.
-    cfg: arc_swap::ArcSwap<Config>,
-    server_tls: arc_swap::ArcSwapOption<ServerTls>,
-    /// Read at each connect, so a reload's TCP options reach new
-    /// connections of existing pools too.
-    sockets: Arc<SocketSetup>,
-    map: Mutex<HashMap<PoolKey, Arc<Pool>>>,
-    /// The pool handed out last: most connects ask for the same one, and
-    /// this spares them building and hashing a key.
-    last: Mutex<Option<Arc<Pool>>>,
-    /// Each backend's `max_backend_connections` slots, for the pools made
-    /// since the last reload that replaced them.
-    caps: Mutex<HashMap<Arc<Backend>, Arc<BackendCap>>>,
-}
-
-impl Pools {
-    pub fn new(cfg: Arc<Config>, sockets: Arc<SocketSetup>) -> Pools {
-        Pools {
-            cfg: arc_swap::ArcSwap::new(cfg),
-            server_tls: arc_swap::ArcSwapOption::empty(),
-            sockets,
-            map: Mutex::new(HashMap::new()),
-            last: Mutex::new(None),
-            caps: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// The pool for this login on `backend`, created on first use.
-    pub fn get(&self, backend: &Arc<Backend>, login: &Login, route: Route) -> Arc<Pool> {
-        if let Some(p) = lock(&self.last).as_ref() {
-            let same = p.route == route
-                && p.login.user == login.user
-                && p.login.database == login.database
-                && p.login.options == login.options
-                && *p.backend == **backend;
-            if same && !p.is_retired() {
-                return p.clone();
-            }
-        }
-        let p = self.lookup(backend, login, route);
-        *lock(&self.last) = Some(p.clone());
-        p
-    }
-
-    fn lookup(&self, backend: &Arc<Backend>, login: &Login, route: Route) -> Arc<Pool> {
-        let key = (
-            login.database.clone(),
-            login.user.clone(),
-            login.options.clone(),
-            backend.clone(),
-            route,
-        );
-        let mut map = lock(&self.map);
-        if let Some(p) = map.get(&key) {
-            if !p.is_retired() {
-                return p.clone();
-            }
-        }
-        let cfg = self.cfg.load_full();
-        let connect = self.opts(&cfg, cfg.prepared_cache_size);
-        let cap = {
-            // The bound read under the lock a reload resizes under.
-            let mut caps = lock(&self.caps);
-            let max = self.cfg.load().max_backend_connections;
-            (max > 0).then(|| {
-                let cap = caps
-                    .entry(backend.clone())
-                    .or_insert_with(|| BackendCap::new(max));
-                cap.clone()
-            })
-        };
-        let p = Arc::new(Pool::new(
-            backend.clone(),
-            route,
-            login.clone(),
-            cfg,
-            connect,
-            cap.clone(),
-        ));
-        if let Some(cap) = cap {
-            cap.add_pool(&p);
-        }
-        map.insert(key, p.clone());
-        p
-    }
-
-    /// New pools use `cfg`; with `replace`, the existing ones are retired
-    /// (idle connections close now, busy ones when given back).
-    pub fn set_config(&self, cfg: Arc<Config>, server_tls: Option<Arc<ServerTls>>, replace: bool) {
-        self.cfg.store(cfg);
-        self.server_tls.store(server_tls);
-        {
-            // The retired pools' connections keep their slots until they
-            // close, so the bound holds across a reload: one set of slots
-            // per backend, resized.
-            let mut caps = lock(&self.caps);
-            let max = self.cfg.load().max_backend_connections;
-            if max == 0 {
-                caps.clear();
-            }
-            for cap in caps.values() {
-                cap.resize(max);
-            }
-        }
-        if replace {
-            self.retire_unless(|_, _| false);
-        }
-    }
-
-    /// How the proxy's own connections (auth_query) are made.
-    pub fn connect_opts(&self) -> ConnectOpts {
-        self.opts(&self.cfg.load(), 1)
-    }
-
-    /// How connections are made under `cfg`, keeping `cache_size`
-    /// prepared statements.
-    fn opts(&self, cfg: &Config, cache_size: usize) -> ConnectOpts {
-        ConnectOpts {
-            timeout: cfg.server_connect_timeout,
-            cache_size,
-            tls: self.server_tls.load_full(),
-            sockets: self.sockets.clone(),
-        }
-    }
-
-    /// Retires every pool for which `stays(backend, route)` is false.
-    pub fn retire_unless(&self, stays: impl Fn(&Backend, Route) -> bool) {
-        let mut map = lock(&self.map);
-        map.retain(|(_, _, _, b, r), p| {
-            let stays = stays(b, *r);
-            if !stays {
-                p.retire();
-            }
-            stays
-        });
-    }
-
-    /// Checked-out read-write connections: transactions in flight on the leader.
-    pub fn rw_in_flight(&self) -> usize {
-        lock(&self.map)
-            .values()
-            .filter(|p| p.route == Route::ReadWrite)
-            .map(|p| p.active.load(Ordering::Relaxed))
-            .sum()
-    }
-
-    /// Runs [`Pool::maintain`] on every pool.
-    pub async fn maintain(&self) {
-        for p in self.snapshot() {
-            p.maintain().await;
-        }
-    }
-
-    /// A snapshot of every pool for `/status`.
-    pub fn snapshot(&self) -> Vec<Arc<Pool>> {
-        lock(&self.map).values().cloned().collect()
     }
 }
