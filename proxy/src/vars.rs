@@ -18,6 +18,27 @@ use std::sync::{Arc, Mutex, OnceLock};
 /// content), so clients inventing new values cannot grow it for ever.
 const MAX_INTERNED: usize = 10_000;
 
+/// The one shared copy of `value`, the value tracked at `slot`: each
+/// thread remembers the last one per slot, so a stream of clients with
+/// the same settings (one application's) takes no lock.
+fn intern_at(slot: usize, value: &str) -> Arc<str> {
+    type Last = std::cell::RefCell<[Option<Arc<str>>; TRACKED.len()]>;
+    thread_local! {
+        static LAST: Last = const { std::cell::RefCell::new([const { None }; TRACKED.len()]) };
+    }
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        match &last[slot] {
+            Some(v) if **v == *value => v.clone(),
+            _ => {
+                let v = intern(value);
+                last[slot] = Some(v.clone());
+                v
+            }
+        }
+    })
+}
+
 /// The one shared copy of `value`.
 fn intern(value: &str) -> Arc<str> {
     // foldhash: fast on short strings and seeded per process, so clients
@@ -56,8 +77,19 @@ pub struct Vars([Option<Arc<str>>; TRACKED.len()]);
 
 /// Where `name` (in any letter case, as startup packets may spell it) is
 /// in [`TRACKED`].
-fn index(name: &str) -> Option<usize> {
-    TRACKED.iter().position(|t| t.eq_ignore_ascii_case(name))
+pub(crate) fn index(name: &str) -> Option<usize> {
+    // Their lengths differ: one comparison at most, on every startup
+    // parameter of every client.
+    let i = match name.len() {
+        16 => 0,
+        15 => 1,
+        9 => 2,
+        13 => 3,
+        8 => 4,
+        27 => 5,
+        _ => return None,
+    };
+    TRACKED[i].eq_ignore_ascii_case(name).then_some(i)
 }
 
 /// A string literal that means the same whatever the server's
@@ -85,7 +117,7 @@ impl Vars {
     pub fn set(&mut self, name: &str, value: &str) {
         if let Some(i) = index(name) {
             if self.0[i].as_deref() != Some(value) {
-                self.0[i] = Some(intern(value));
+                self.0[i] = Some(intern_at(i, value));
             }
         }
     }
@@ -97,6 +129,16 @@ impl Vars {
         let mut v = Vars::default();
         for (k, val) in params {
             v.set(k.as_ref(), val.as_ref());
+        }
+        v
+    }
+
+    /// The tracked settings of a startup packet, where its parse found
+    /// them.
+    pub fn from_startup(params: &crate::protocol::StartupParams) -> Vars {
+        let mut v = Vars::default();
+        for (slot, value) in v.0.iter_mut().enumerate() {
+            *value = params.tracked(slot).map(|s| intern_at(slot, s));
         }
         v
     }
@@ -169,5 +211,11 @@ mod tests {
         assert_eq!(want.set_sql(&server), None);
         assert_eq!(server.iter().count(), 3, "DateStyle kept, nothing added");
         assert!(Vars::is_tracked("datestyle") && !Vars::is_tracked("search_path"));
+        for (i, name) in TRACKED.iter().enumerate() {
+            assert_eq!(index(name), Some(i));
+            assert_eq!(index(&name.to_ascii_uppercase()), Some(i));
+        }
+        assert_eq!(index("timezonE"), Some(4));
+        assert_eq!(index("xxxxxxxx"), None, "the length alone decides nothing");
     }
 }

@@ -57,7 +57,7 @@ impl Pools {
                 && p.login.user == login.user
                 && p.login.database == login.database
                 && p.login.options == login.options
-                && *p.backend == **backend;
+                && (Arc::ptr_eq(&p.backend, backend) || *p.backend == **backend);
             if same && !p.is_retired() {
                 return p.clone();
             }

@@ -122,9 +122,30 @@ pub enum StartupPacket {
 pub struct StartupParams {
     /// `key\0value\0` for each pair.
     text: String,
-    user: Range<usize>,
-    database: Option<Range<usize>>,
-    options: Option<Range<usize>>,
+    user: Span,
+    database: Span,
+    options: Span,
+    /// Where the value of each tracked session setting lies (see `vars`),
+    /// found in the same pass, so the session needs no second one.
+    tracked: [Span; crate::vars::TRACKED.len()],
+}
+
+/// Where a value lies in a startup block, compact (the block is at most
+/// `MAX_STARTUP_LEN` bytes) so the parsed packet moves cheaply; start 0
+/// is "not sent": a value never starts the block, its key does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Span(u16, u16);
+
+impl Span {
+    fn new(value: Range<usize>) -> Span {
+        // Both ends are below MAX_STARTUP_LEN, which fits.
+        const _: () = assert!(MAX_STARTUP_LEN <= u16::MAX as usize);
+        Span(value.start as u16, value.end as u16)
+    }
+
+    fn get(self, text: &str) -> Option<&str> {
+        (self.0 != 0).then(|| &text[usize::from(self.0)..usize::from(self.1)])
+    }
 }
 
 impl StartupParams {
@@ -146,20 +167,24 @@ impl StartupParams {
 
     /// The user name (required by the protocol).
     pub fn user(&self) -> &str {
-        &self.text[self.user.clone()]
+        self.user.get(&self.text).unwrap_or_default()
     }
 
     /// The `options` value (command-line settings for the backend), if
     /// given.
     pub fn options(&self) -> Option<&str> {
-        self.options.clone().map(|r| &self.text[r])
+        self.options.get(&self.text)
+    }
+
+    /// The value sent for the tracked setting `slot` (its index in
+    /// `vars::TRACKED`), the last one if sent twice.
+    pub fn tracked(&self, slot: usize) -> Option<&str> {
+        self.tracked[slot].get(&self.text)
     }
 
     /// The database, defaulting to the user name as Postgres does.
     pub fn database(&self) -> &str {
-        self.database
-            .clone()
-            .map_or_else(|| self.user(), |d| &self.text[d])
+        self.database.get(&self.text).unwrap_or_else(|| self.user())
     }
 }
 
@@ -223,7 +248,8 @@ fn parse_params(body: &[u8]) -> Result<StartupParams, ProtocolError> {
         nul(rest).map(|i| from + i).ok_or_else(bad)
     };
     let mut pos = 0;
-    let (mut user, mut database, mut options) = (None, None, None);
+    let (mut user, mut database, mut options) = (None, Span::default(), Span::default());
+    let mut tracked = [Span::default(); crate::vars::TRACKED.len()];
     loop {
         let key_end = nul_from(pos)?;
         if key_end == pos {
@@ -234,11 +260,16 @@ fn parse_params(body: &[u8]) -> Result<StartupParams, ProtocolError> {
             break;
         }
         let value_end = nul_from(key_end + 1)?;
+        let value = Span::new(key_end + 1..value_end);
         match &text[pos..key_end] {
-            "user" => user = Some(key_end + 1..value_end),
-            "database" => database = Some(key_end + 1..value_end),
-            "options" => options = Some(key_end + 1..value_end),
-            _ => {}
+            "user" => user = Some(value),
+            "database" => database = value,
+            "options" => options = value,
+            key => {
+                if let Some(slot) = crate::vars::index(key) {
+                    tracked[slot] = value;
+                }
+            }
         }
         pos = value_end + 1;
     }
@@ -248,6 +279,7 @@ fn parse_params(body: &[u8]) -> Result<StartupParams, ProtocolError> {
         user: user.ok_or_else(bad)?,
         database,
         options,
+        tracked,
     })
 }
 
@@ -354,6 +386,19 @@ mod tests {
         assert_eq!(p.database(), "alice");
         assert_eq!(p.get("application_name"), Some("x"));
         assert_eq!(p.options(), None);
+        // The tracked settings, found in the same pass: any letter case,
+        // the last one sent.
+        let mut buf = startup_bytes(
+            PROTOCOL_V3,
+            b"user\0u\0timezone\0UTC\0application_name\0a\0TimeZone\0CET\0\0",
+        );
+        let Some(StartupPacket::Startup(p)) = split_startup(&mut buf).unwrap() else {
+            panic!("not a startup")
+        };
+        let vars = crate::vars::Vars::from_startup(&p);
+        assert_eq!(vars, crate::vars::Vars::from_params(p.iter()));
+        let got: Vec<_> = vars.iter().collect();
+        assert_eq!(got, [("application_name", "a"), ("TimeZone", "CET")]);
     }
 
     #[test]

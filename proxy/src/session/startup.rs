@@ -104,7 +104,7 @@ async fn with_startup_deadline<F: std::future::Future<Output = ()>>(
     shared: Arc<Shared>,
     work: impl FnOnce(Arc<Shared>, Arc<Doorbell>) -> F,
 ) {
-    let timeout = shared.cfg().startup_timeout;
+    let timeout = shared.cfg.load().startup_timeout;
     let registered = shared.bells.register_starting(timeout);
     // Boxed once: spawning the task and ending it then move a pointer,
     // not the session's whole state (several copies per connection).
@@ -156,8 +156,10 @@ pub async fn serve<C>(
     // The startup deadline (see `serve_tcp`) ends here, unless it passed
     // while the greeting went out.
     let session = handshake(shared, client, route, clients, buf, bell.clone(), binding).await;
-    if let Some(mut session) = session.filter(|_| bell.started()) {
-        session.run().await;
+    if let Some(mut session) = session {
+        if bell.started() {
+            session.run().await;
+        }
     }
     drop(guard);
 }
@@ -218,6 +220,9 @@ impl<C: ClientIo> Session<C> {
             {
                 let pool = self.shared.pools.get(&b, &self.login, self.route);
                 self.pool_cache = Some((b.clone(), pool.clone()));
+                // The first transaction takes this pool without a new
+                // choice while the table stays as it is (see `attach`).
+                self.cache_epoch = self.sticky_epoch(&table);
                 if let Some(params) = pool.cached_params() {
                     self.tell_params(&params);
                     return Ok(());
@@ -359,7 +364,7 @@ where
             password,
             scram_keys,
         },
-        vars: crate::vars::Vars::from_params(params.iter()),
+        vars: crate::vars::Vars::from_startup(&params),
         cancel,
         bell,
         // Buffers grow on first use; an idle client holds none.
