@@ -9,8 +9,11 @@
 //! first (the pool with the most: a busy pool is not starved by idle ones
 //! elsewhere); with none, it waits in line, within the checkout timeout,
 //! for a slot to come free or a connection to go idle. The bound follows
-//! reloads: it grows at once, and shrinks as connections close. May call:
-//! `pool` (idle lists), tokio sync.
+//! reloads: it grows at once, and shrinks as connections close.
+//!
+//! Without a bound (0) the slots still count: a reload that sets one then
+//! finds every connection already open in use, instead of counting only
+//! those opened after it. May call: `pool` (idle lists), tokio sync.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -63,6 +66,16 @@ impl Drop for CapSlot {
         } else {
             drop(p);
         }
+    }
+}
+
+/// The slots of `max_backend_connections = max`: 0 is no bound, as many
+/// as a semaphore holds.
+pub fn slots_for(max: usize) -> usize {
+    if max == 0 {
+        Semaphore::MAX_PERMITS
+    } else {
+        max.min(Semaphore::MAX_PERMITS)
     }
 }
 
@@ -208,5 +221,21 @@ mod tests {
         drop((e, f));
         let all: Vec<_> = (0..3).filter_map(|_| cap.try_slot()).collect();
         assert_eq!(all.len(), 2, "bound 2");
+    }
+
+    /// No bound still counts: setting one later finds the connections
+    /// already open, and lifting it again frees every slot.
+    #[test]
+    fn a_bound_set_by_reload_counts_the_connections_already_open() {
+        let cap = BackendCap::new(slots_for(0));
+        let open: Vec<_> = (0..3).map(|_| cap.try_slot().unwrap()).collect();
+        cap.resize(slots_for(2));
+        assert!(cap.try_slot().is_none(), "3 open, bound 2");
+        drop(open);
+        let now: Vec<_> = (0..3).filter_map(|_| cap.try_slot()).collect();
+        assert_eq!(now.len(), 2, "one slot was owed: bound 2");
+        cap.resize(slots_for(0));
+        let more: Vec<_> = (0..100).filter_map(|_| cap.try_slot()).collect();
+        assert_eq!(more.len(), 100, "no bound again");
     }
 }

@@ -277,8 +277,9 @@ pub struct ServerConn {
     pub prepared: ServerCache,
     /// Must not be reused (its prepared statements went stale after DDL).
     pub discard: bool,
-    /// Its backend's `max_backend_connections` slot, if bounded: freed when
-    /// the connection closes.
+    /// Its backend's `max_backend_connections` slot (every pooled one has
+    /// one, bound or not; the proxy's own auth_query connections none):
+    /// freed when the connection closes.
     pub cap_slot: Option<crate::cap::CapSlot>,
 }
 

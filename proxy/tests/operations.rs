@@ -188,6 +188,67 @@ fn malformed_and_oversized_messages_get_a_protocol_error_not_a_crash() {
     assert_eq!(Raw::connect(p.rw()).query("select 1"), vec!["1"]);
 }
 
+/// A reload that sets `max_backend_connections` counts the servers
+/// already open (each holds its backend's slot, bound or not): with three
+/// busy and a bound of two, a new pool's client waits until the backend is
+/// under the bound, instead of opening a fourth.
+#[test]
+fn a_bound_set_by_reload_counts_the_servers_already_open() {
+    let (sb, pg) = primary("px-cap-reload");
+    let mut cfg = config(&pg, PoolMode::Transaction);
+    cfg.pool_size = 5;
+    cfg.checkout_timeout = Duration::from_secs(20);
+    let p = Running::start(cfg.clone());
+    let busy: Vec<_> = (0..3).map(|_| p.client_with(|_| {}).unwrap()).collect();
+    for c in &busy {
+        p.rt.block_on(c.batch_execute("begin")).unwrap();
+    }
+    // Logged in on the pool's cached parameters: no server yet.
+    let other = p.client_with(|_| {}).unwrap();
+    assert_eq!(common::proxy_backends(&pg), 3);
+
+    let path = sb.path().join("reload.toml");
+    let mut next = cfg;
+    next.max_backend_connections = 2;
+    std::fs::write(&path, toml::to_string(&next).unwrap()).unwrap();
+    let r = pgha_proxy::reload::reload(&p.handle().shared, &path).unwrap();
+    assert_eq!(r.applied, ["max_backend_connections"]);
+
+    // The next transaction needs a server of the replacing pool: the
+    // backend is over its bound.
+    let query = p.rt.spawn(async move {
+        let rows = other.simple_query("show work_mem").await;
+        rows.map(|r| match &r[1] {
+            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).unwrap().to_owned(),
+            m => panic!("{m:?}"),
+        })
+    });
+    wait_until(
+        "the new client waits for room",
+        Duration::from_secs(10),
+        || Ok((common::waiting_for_backend(&p) == 1).then_some(())),
+    )
+    .unwrap();
+    // One transaction ends: its server closes (its pool was replaced), and
+    // its slot is the one the smaller bound retires. Still no room.
+    p.rt.block_on(busy[0].batch_execute("commit")).unwrap();
+    wait_until("the server to close", Duration::from_secs(10), || {
+        Ok((common::proxy_backends(&pg) == 2).then_some(()))
+    })
+    .unwrap();
+    assert_eq!(common::waiting_for_backend(&p), 1, "2 open, bound 2");
+    assert!(!query.is_finished());
+    // A second one ends: now there is room.
+    p.rt.block_on(busy[1].batch_execute("commit")).unwrap();
+    let got =
+        p.rt.block_on(query)
+            .unwrap()
+            .expect("room within the timeout");
+    assert_eq!(got, "4MB");
+    assert!(common::proxy_backends(&pg) <= 2, "past the bound");
+    p.rt.block_on(busy[2].batch_execute("commit")).unwrap();
+}
+
 /// A reload (what SIGHUP runs) applies new settings to running sessions,
 /// swaps static backends, replaces pools when their shape changes, keeps
 /// restart-only keys, and refuses a bad file without changing anything.

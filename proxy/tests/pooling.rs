@@ -9,7 +9,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{config, primary, psql, Running};
+use common::{config, primary, proxy_backends, psql, waiting_for_backend, Running};
 use pgha_proxy::config::PoolMode;
 
 #[test]
@@ -257,13 +257,6 @@ fn session_mode_resets_the_server_before_the_next_client() {
     });
 }
 
-fn proxy_backends(pg: &pgha_local::PgInstance) -> usize {
-    pg.psql("select count(*) from pg_stat_activity where application_name = 'pgha-proxy'")
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
 #[test]
 fn idle_servers_close_after_the_idle_timeout_and_min_idle_stays_open() {
     let (_sb, pg) = primary("px-idle");
@@ -299,12 +292,6 @@ fn idle_servers_close_after_the_idle_timeout_and_min_idle_stays_open() {
         }
     })
     .unwrap();
-}
-
-/// Clients of `p` waiting for their backend to have room.
-fn waiting_for_backend(p: &Running) -> usize {
-    let pools = p.handle().shared.pools.snapshot();
-    pools.iter().map(|pool| pool.waiting_for_backend()).sum()
 }
 
 /// `max_backend_connections` bounds the server connections to a backend

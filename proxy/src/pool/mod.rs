@@ -77,8 +77,9 @@ pub struct Pool {
     waiting: AtomicUsize,
     /// ParameterStatus of the last connection made, sent to new clients.
     params: Mutex<Option<Params>>,
-    /// The backend's `max_backend_connections` slots, if bounded.
-    cap: Option<Arc<BackendCap>>,
+    /// The backend's `max_backend_connections` slots (counted also
+    /// without a bound).
+    cap: Arc<BackendCap>,
     /// Clients holding a pool slot that wait for one of those.
     waiting_for_backend: AtomicUsize,
 }
@@ -127,7 +128,7 @@ impl Pool {
         login: Login,
         cfg: Arc<Config>,
         connect: ConnectOpts,
-        cap: Option<Arc<BackendCap>>,
+        cap: Arc<BackendCap>,
     ) -> Pool {
         Pool {
             cap,
@@ -289,13 +290,14 @@ impl Pool {
         }
         // Boxed: connecting is rare and its state is large; it must not
         // grow every session's future.
-        let cap_slot = match &self.cap {
-            Some(cap) => match Box::pin(self.backend_room(cap, &mut held, deadline)).await {
-                Some(Room::Slot(s)) => Some(s),
+        let cap_slot = match self.cap.try_slot() {
+            // The common case: the backend has room.
+            Some(s) => s,
+            None => match Box::pin(self.backend_room(&mut held, deadline)).await {
+                Some(Room::Slot(s)) => s,
                 Some(Room::Idle(conn, slot)) => return Ok(self.hand_out(conn, slot)),
                 None => return Err(PoolError::Timeout(timeout)),
             },
-            None => None,
         };
         let slot = held.expect("an idle connection with its own slot leaves ours");
         let mut conn = Box::pin(ServerConn::connect(
@@ -304,7 +306,7 @@ impl Pool {
             &self.connect,
         ))
         .await?;
-        conn.cap_slot = cap_slot;
+        conn.cap_slot = Some(cap_slot);
         // A server in the wrong role (a replica named leader before its
         // promotion ends) says nothing about this pool's clients: its
         // in_hot_standby = on would turn libpq's read-write clients away.
@@ -321,14 +323,10 @@ impl Pool {
     /// another pool, whose slot then goes to the first in line.
     async fn backend_room(
         &self,
-        cap: &Arc<BackendCap>,
         held: &mut Option<OwnedSemaphorePermit>,
         deadline: tokio::time::Instant,
     ) -> Option<Room> {
-        // The common case: the backend has room.
-        if let Some(s) = cap.try_slot() {
-            return Some(Room::Slot(s));
-        }
+        let cap = &self.cap;
         let _counted = Waiting::new(&self.waiting_for_backend);
         let waiter = cap.waiter();
         // Made once: its place in line is kept across wake-ups.
@@ -425,9 +423,7 @@ impl Pool {
         drop(slot_left);
         // A pool waiting on the full backend may use it (or, a spare,
         // close it).
-        if let Some(cap) = &self.cap {
-            cap.idle_returned();
-        }
+        self.cap.idle_returned();
     }
 
     /// Closes idle connections past their idle timeout or lifetime, then
@@ -451,12 +447,8 @@ impl Pool {
                 return;
             };
             // Never at another pool's expense.
-            let cap_slot = match &self.cap {
-                Some(cap) => match cap.try_slot() {
-                    Some(s) => Some(s),
-                    None => return,
-                },
-                None => None,
+            let Some(cap_slot) = self.cap.try_slot() else {
+                return;
             };
             let connected = Box::pin(ServerConn::connect(
                 self.backend.clone(),
@@ -466,7 +458,7 @@ impl Pool {
             .await;
             match connected {
                 Ok(mut c) if self.route != Route::ReadWrite || !c.in_recovery => {
-                    c.cap_slot = cap_slot;
+                    c.cap_slot = Some(cap_slot);
                     self.share_params(&mut c);
                     self.shelve(c, slot);
                 }

@@ -33,8 +33,9 @@ pub struct Pools {
     /// The pool handed out last: most connects ask for the same one, and
     /// this spares them building and hashing a key.
     last: Mutex<Option<Arc<Pool>>>,
-    /// Each backend's `max_backend_connections` slots, for the pools made
-    /// since the last reload that replaced them.
+    /// Each backend's `max_backend_connections` slots, shared by all its
+    /// pools and kept across reloads (the bound resized), with no bound
+    /// too: every open connection to the backend holds one.
     caps: Mutex<HashMap<Arc<Backend>, Arc<BackendCap>>>,
 }
 
@@ -85,11 +86,9 @@ impl Pools {
         let mut caps = lock(&self.caps);
         let cfg = self.cfg.load_full();
         let connect = self.opts(&cfg, cfg.prepared_cache_size);
-        let max = cfg.max_backend_connections;
-        let cap = (max > 0).then(|| {
-            let cap = caps.entry(backend.clone());
-            cap.or_insert_with(|| BackendCap::new(max)).clone()
-        });
+        let max = crate::cap::slots_for(cfg.max_backend_connections);
+        let cap = caps.entry(backend.clone());
+        let cap = cap.or_insert_with(|| BackendCap::new(max)).clone();
         let p = Arc::new(Pool::new(
             backend.clone(),
             route,
@@ -98,9 +97,7 @@ impl Pools {
             connect,
             cap.clone(),
         ));
-        if let Some(cap) = cap {
-            cap.add_pool(&p);
-        }
+        cap.add_pool(&p);
         map.insert(key, p.clone());
         p
     }
@@ -114,11 +111,10 @@ impl Pools {
             // The retired pools' connections keep their slots until they
             // close, so the bound holds across a reload: one set of slots
             // per backend, resized.
-            let mut caps = lock(&self.caps);
-            let max = self.cfg.load().max_backend_connections;
-            if max == 0 {
-                caps.clear();
-            }
+            // Kept without a bound too: setting one later must count the
+            // connections open then.
+            let caps = lock(&self.caps);
+            let max = crate::cap::slots_for(self.cfg.load().max_backend_connections);
             for cap in caps.values() {
                 cap.resize(max);
             }

@@ -333,6 +333,20 @@ impl Raw {
 }
 
 /// The server's message text of a tokio-postgres error.
+/// Server connections the proxy has open on `pg`.
+pub fn proxy_backends(pg: &PgInstance) -> usize {
+    pg.psql("select count(*) from pg_stat_activity where application_name = 'pgha-proxy'")
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// Clients of `p` waiting for their backend to have room.
+pub fn waiting_for_backend(p: &Running) -> usize {
+    let pools = p.handle().shared.pools.snapshot();
+    pools.iter().map(|pool| pool.waiting_for_backend()).sum()
+}
+
 pub fn db_message(e: &tokio_postgres::Error) -> String {
     e.as_db_error()
         .map(|d| format!("{}: {}", d.code().code(), d.message()))
