@@ -1,0 +1,140 @@
+use super::*;
+
+const MINIMAL: &str = r#"
+    [[backends]]
+    name = "pg1"
+    port = 5432
+    role = "primary"
+"#;
+
+#[test]
+fn minimal_static_config_gets_documented_defaults() {
+    let c = Config::parse(MINIMAL).unwrap();
+    assert_eq!(c.pool_mode, PoolMode::Transaction);
+    assert_eq!(c.listen_rw.port(), 6432);
+    assert_eq!(c.listen_ro.port(), 6433);
+    assert_eq!(c.backends[0].host, "127.0.0.1");
+    assert_eq!(c.checkout_timeout, Duration::from_secs(10));
+}
+
+#[test]
+fn durations_and_modes_are_readable() {
+    let c = Config::parse(&format!(
+        "pool_mode = \"session\"\ncheckout_timeout = \"250ms\"\nauth_method = \"md5\"\nmax_backend_connections = 90\n{MINIMAL}"
+    ))
+    .unwrap();
+    assert_eq!(c.max_backend_connections, 90);
+    assert_eq!(c.pool_mode, PoolMode::Session);
+    assert_eq!(c.checkout_timeout, Duration::from_millis(250));
+    assert_eq!(c.auth_method, AuthMethod::Md5);
+}
+
+#[test]
+fn unknown_keys_are_rejected_by_name() {
+    let e = Config::parse(&format!("pool_sise = 3\n{MINIMAL}")).unwrap_err();
+    assert!(e.to_string().contains("pool_sise"), "{e}");
+}
+
+#[test]
+fn changed_keys_names_what_differs_and_restart_keys_are_kept() {
+    let old = Config::parse(MINIMAL).unwrap();
+    let mut new = Config::parse(&format!(
+        "pool_size = 7\nlisten_rw = \"127.0.0.1:7000\"\nadmin_token = \"t\"\n{MINIMAL}"
+    ))
+    .unwrap();
+    assert_eq!(
+        new.changed_keys(&old),
+        vec!["admin_token", "listen_rw", "pool_size"]
+    );
+    new.keep_restart_keys(&old);
+    assert_eq!(new.changed_keys(&old), vec!["admin_token", "pool_size"]);
+    assert!(old.changed_keys(&old).is_empty());
+}
+
+#[test]
+fn tcp_keepalive_is_on_by_default_and_user_timeout_off() {
+    let c = Config::parse(MINIMAL).unwrap();
+    assert!(c.tcp_keepalive);
+    assert_eq!(c.tcp_keepalive_idle, Duration::from_secs(30));
+    assert_eq!(c.tcp_keepalive_interval, Duration::from_secs(10));
+    assert_eq!(c.tcp_keepalive_count, 3);
+    assert_eq!(c.tcp_user_timeout, Duration::ZERO);
+    let c = Config::parse(&format!(
+        "tcp_keepalive_idle = \"2s\"\ntcp_user_timeout = \"1500ms\"\n{MINIMAL}"
+    ))
+    .unwrap();
+    assert_eq!(c.tcp_keepalive_idle, Duration::from_secs(2));
+    assert_eq!(c.tcp_user_timeout, Duration::from_millis(1500));
+}
+
+#[test]
+fn bad_tcp_values_name_key_and_reason() {
+    for (key, value, reason) in [
+        ("tcp_keepalive_idle", "'0s'", "must be at least 1s"),
+        ("tcp_keepalive_idle", "'1500ms'", "must be whole seconds"),
+        ("tcp_keepalive_interval", "'500ms'", "must be at least 1s"),
+        (
+            "tcp_keepalive_interval",
+            "'40000s'",
+            "must be at most 32767s",
+        ),
+        ("tcp_keepalive_count", "0", "must be between 1 and 127"),
+        ("tcp_keepalive_count", "128", "must be between 1 and 127"),
+        ("tcp_user_timeout", "'1500us'", "must be whole milliseconds"),
+        (
+            "tcp_user_timeout",
+            "'30days'",
+            "must be at most 2147483647ms",
+        ),
+    ] {
+        let e = Config::parse(&format!("{key} = {value}\n{MINIMAL}")).unwrap_err();
+        let e = e.to_string();
+        assert!(
+            e.contains(&format!("`{key}`: {reason}")),
+            "{key} = {value}: {e}"
+        );
+    }
+    // With keepalive off its other keys are not used, so not checked.
+    let off = "tcp_keepalive = false\ntcp_keepalive_idle = '0s'\ntcp_keepalive_count = 0";
+    assert!(Config::parse(&format!("{off}\n{MINIMAL}")).is_ok());
+}
+
+#[test]
+fn bad_values_name_key_and_reason() {
+    let e = Config::parse(&format!("pool_size = 0\n{MINIMAL}")).unwrap_err();
+    assert!(
+        e.to_string().contains("`pool_size`: must be at least 1"),
+        "{e}"
+    );
+    let e = Config::parse("").unwrap_err();
+    assert!(e.to_string().contains("`backends`"), "{e}");
+    let e = Config::parse(&format!("checkout_timeout = \"soon\"\n{MINIMAL}")).unwrap_err();
+    assert!(e.to_string().contains("checkout_timeout"), "{e}");
+    for key in ["client_idle_timeout", "idle_transaction_timeout"] {
+        let e = Config::parse(&format!("{key} = \"50ms\"\n{MINIMAL}")).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains(&format!("`{key}`: must be 0s (off) or at least 100ms")),
+            "{e}"
+        );
+        let c = Config::parse(&format!("{key} = \"0s\"\n{MINIMAL}")).unwrap();
+        assert!(c.client_idle_timeout.is_zero() && c.idle_transaction_timeout.is_zero());
+    }
+    let e = Config::parse(&format!(
+        "unix_socket_dir = \"/run/pgha\"\nlisten_rw = \"127.0.0.1:7000\"\nlisten_ro = \"127.0.0.2:7000\"\n{MINIMAL}"
+    ))
+    .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("`unix_socket_dir`: needs listen_rw and listen_ro on different ports"),
+        "{e}"
+    );
+    let long = format!("unix_socket_dir = \"/{}\"\n{MINIMAL}", "d".repeat(100));
+    let e = Config::parse(&long).unwrap_err();
+    assert!(
+        e.to_string().contains("`unix_socket_dir`: is too long"),
+        "{e}"
+    );
+    let c = Config::parse(&format!("idle_transaction_timeout = \"30s\"\n{MINIMAL}")).unwrap();
+    assert_eq!(c.idle_transaction_timeout, Duration::from_secs(30));
+}
