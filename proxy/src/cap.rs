@@ -107,6 +107,15 @@ impl BackendCap {
         }
     }
 
+    /// No connection holds a slot and no pool is left: the backend's
+    /// count may be forgotten (it left the cluster, or moved address).
+    pub fn unused(&self) -> bool {
+        let bound = lock(&self.bound);
+        bound.owed == 0
+            && self.slots.available_permits() == bound.max
+            && lock(&self.pools).iter().all(|p| p.strong_count() == 0)
+    }
+
     /// A pool of this backend was made.
     pub fn add_pool(&self, pool: &Arc<Pool>) {
         let mut pools = lock(&self.pools);
@@ -237,5 +246,8 @@ mod tests {
         cap.resize(slots_for(0));
         let more: Vec<_> = (0..100).filter_map(|_| cap.try_slot()).collect();
         assert_eq!(more.len(), 100, "no bound again");
+        assert!(!cap.unused(), "slots held");
+        drop((now, more));
+        assert!(cap.unused());
     }
 }

@@ -245,7 +245,7 @@ fn a_bound_set_by_reload_counts_the_servers_already_open() {
             .unwrap()
             .expect("room within the timeout");
     assert_eq!(got, "4MB");
-    assert!(common::proxy_backends(&pg) <= 2, "past the bound");
+    common::wait_proxy_backends_at_most(&pg, 2);
     p.rt.block_on(busy[2].batch_execute("commit")).unwrap();
 }
 

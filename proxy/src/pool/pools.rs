@@ -87,6 +87,11 @@ impl Pools {
         let cfg = self.cfg.load_full();
         let connect = self.opts(&cfg, cfg.prepared_cache_size);
         let max = crate::cap::slots_for(cfg.max_backend_connections);
+        if !caps.contains_key(backend) {
+            // A backend new to the proxy (a member joined, or moved): the
+            // counts of those no connection or pool uses any more go.
+            caps.retain(|_, c| !c.unused());
+        }
         let cap = caps.entry(backend.clone());
         let cap = cap.or_insert_with(|| BackendCap::new(max)).clone();
         let p = Arc::new(Pool::new(

@@ -332,7 +332,6 @@ impl Raw {
     }
 }
 
-/// The server's message text of a tokio-postgres error.
 /// Server connections the proxy has open on `pg`.
 pub fn proxy_backends(pg: &PgInstance) -> usize {
     pg.psql("select count(*) from pg_stat_activity where application_name = 'pgha-proxy'")
@@ -341,12 +340,26 @@ pub fn proxy_backends(pg: &PgInstance) -> usize {
         .unwrap()
 }
 
+/// Waits until the proxy has at most `n` server connections open on
+/// `pg`: a server it closed stays in pg_stat_activity until its backend
+/// process has seen the EOF and exited, which on a loaded machine can be
+/// after the proxy opened the next one.
+pub fn wait_proxy_backends_at_most(pg: &PgInstance, n: usize) {
+    pgha_local::wait_until(
+        &format!("at most {n} proxy server connections"),
+        Duration::from_secs(10),
+        || Ok((proxy_backends(pg) <= n).then_some(())),
+    )
+    .unwrap();
+}
+
 /// Clients of `p` waiting for their backend to have room.
 pub fn waiting_for_backend(p: &Running) -> usize {
     let pools = p.handle().shared.pools.snapshot();
     pools.iter().map(|pool| pool.waiting_for_backend()).sum()
 }
 
+/// The server's message text of a tokio-postgres error.
 pub fn db_message(e: &tokio_postgres::Error) -> String {
     e.as_db_error()
         .map(|d| format!("{}: {}", d.code().code(), d.message()))
