@@ -115,9 +115,8 @@ impl Pools {
         {
             // The retired pools' connections keep their slots until they
             // close, so the bound holds across a reload: one set of slots
-            // per backend, resized.
-            // Kept without a bound too: setting one later must count the
-            // connections open then.
+            // per backend, resized, kept without a bound too (setting one
+            // later must count the connections open then).
             let caps = lock(&self.caps);
             let max = crate::cap::slots_for(self.cfg.load().max_backend_connections);
             for cap in caps.values() {
