@@ -20,64 +20,11 @@ proxy=$PWD/target/release/pgha-proxy
 [ -x "$proxy" ] || { echo "build first: cargo build --release -p pgha-proxy" >&2; exit 1; }
 command -v valgrind >/dev/null || { echo "needs valgrind (apt-get install valgrind)" >&2; exit 1; }
 
-dir=$(mktemp -d /tmp/pgha-callgrind.XXXXXX)
-chown postgres "$dir"
-bin=/usr/lib/postgresql/15/bin
-as_pg=(setpriv --reuid=postgres --regid=postgres --init-groups)
-cleanup() {
-  "${as_pg[@]}" "$bin/pg_ctl" -D "$dir/data" -m immediate stop >/dev/null 2>&1 || true
-  rm -rf "$dir"
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-pg_port=$(free_port); bouncer_port=$(free_port); rw=$(free_port); ro=$(free_port); admin=$(free_port)
-
-"${as_pg[@]}" "$bin/initdb" -D "$dir/data" -A trust -U postgres >/dev/null
-cat >>"$dir/data/postgresql.conf" <<EOF
-port = $pg_port
-listen_addresses = '127.0.0.1'
-unix_socket_directories = '$dir'
-max_connections = 200
-shared_buffers = 256MB
-fsync = off
-EOF
-"${as_pg[@]}" "$bin/pg_ctl" -D "$dir/data" -l "$dir/pg.log" -w start >/dev/null
-pgbench -i -q -s 10 -h 127.0.0.1 -p "$pg_port" -U postgres postgres >/dev/null 2>&1
-
-cat >"$dir/pgbouncer.ini" <<EOF
-[databases]
-postgres = host=127.0.0.1 port=$pg_port dbname=postgres
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = $bouncer_port
-unix_socket_dir =
-auth_type = trust
-auth_file = $dir/users.txt
-pool_mode = transaction
-default_pool_size = 32
-max_client_conn = 20000
-ignore_startup_parameters = extra_float_digits
-logfile =
-pidfile =
-log_connections = 0
-log_disconnections = 0
-EOF
-echo '"postgres" ""' >"$dir/users.txt"
-cat >"$dir/proxy.toml" <<EOF
-id = "callgrind"
-listen_rw = "127.0.0.1:$rw"
-listen_ro = "127.0.0.1:$ro"
-listen_admin = "127.0.0.1:$admin"
-pool_mode = "transaction"
-pool_size = 32
-auth_method = "trust"
-max_client_conn = 20000
-[[backends]]
-name = "primary"
-port = $pg_port
-role = "primary"
-EOF
+. scripts/poolers-common.sh
+poolers_init pgha-callgrind
+bouncer_port=$(free_port); rw=$(free_port)
+write_pgbouncer_ini "$bouncer_port"
+write_proxy_toml "$dir/proxy.toml" callgrind "$rw"
 chown -R postgres "$dir"
 
 case $mode in

@@ -16,74 +16,19 @@ set -euo pipefail
 [ $# -ge 1 ] || { echo "usage: $0 PROXY_BINARY..." >&2; exit 2; }
 rounds=${ROUNDS:-5}
 secs=${SECS:-8}
-dir=$(mktemp -d /tmp/pgha-storm-ab.XXXXXX)
-chown postgres "$dir"
-bin=/usr/lib/postgresql/15/bin
-as_pg=(setpriv --reuid=postgres --regid=postgres --init-groups)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  "${as_pg[@]}" "$bin/pg_ctl" -D "$dir/data" -m immediate stop >/dev/null 2>&1 || true
-  rm -rf "$dir"
-}
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+. "$(dirname "$0")/poolers-common.sh"
+poolers_init pgha-storm-ab
 
-pg_port=$(free_port)
-"${as_pg[@]}" "$bin/initdb" -D "$dir/data" -A trust -U postgres >/dev/null
-cat >>"$dir/data/postgresql.conf" <<EOF
-port = $pg_port
-listen_addresses = '127.0.0.1'
-unix_socket_directories = '$dir'
-max_connections = 200
-shared_buffers = 256MB
-fsync = off
-EOF
-"${as_pg[@]}" "$bin/pg_ctl" -D "$dir/data" -l "$dir/pg.log" -w start >/dev/null
-pgbench -i -q -s 10 -h 127.0.0.1 -p "$pg_port" -U postgres postgres >/dev/null 2>&1
-
-names=(pgbouncer) ports=() 
+names=(pgbouncer) ports=()
 port=$(free_port)
-cat >"$dir/pgbouncer.ini" <<EOF
-[databases]
-postgres = host=127.0.0.1 port=$pg_port dbname=postgres
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = $port
-unix_socket_dir =
-auth_type = trust
-auth_file = $dir/users.txt
-pool_mode = transaction
-default_pool_size = 32
-max_client_conn = 20000
-logfile =
-pidfile =
-log_connections = 0
-log_disconnections = 0
-EOF
-echo '"postgres" ""' >"$dir/users.txt"
-chown -R postgres "$dir"
+write_pgbouncer_ini "$port"
 "${as_pg[@]}" /usr/sbin/pgbouncer "$dir/pgbouncer.ini" >"$dir/pgbouncer.log" 2>&1 &
 pids+=($!) ports+=("$port")
 i=0
 for proxy in "$@"; do
   i=$((i + 1))
   port=$(free_port)
-  cat >"$dir/proxy$i.toml" <<EOF
-id = "ab$i"
-listen_rw = "127.0.0.1:$port"
-listen_ro = "127.0.0.1:$(free_port)"
-listen_admin = "127.0.0.1:$(free_port)"
-pool_mode = "transaction"
-pool_size = 32
-auth_method = "trust"
-max_client_conn = 20000
-[[backends]]
-name = "primary"
-port = $pg_port
-role = "primary"
-EOF
-  chown postgres "$dir/proxy$i.toml"
+  write_proxy_toml "$dir/proxy$i.toml" "ab$i" "$port"
   "${as_pg[@]}" "$(realpath "$proxy")" --config "$dir/proxy$i.toml" >"$dir/proxy$i.log" 2>&1 &
   pids+=($!) ports+=("$port") names+=("proxy$i")
 done
