@@ -28,6 +28,9 @@ struct PoolStatus {
     options: String,
     backend: String,
     route: &'static str,
+    /// Its size and minimum (the top-level keys or a `[[pools]]` entry's).
+    pool_size: usize,
+    min_idle: usize,
     idle: usize,
     active: usize,
     waiting: usize,
@@ -53,12 +56,15 @@ fn status_json(shared: &Shared) -> String {
         .map(|p| {
             let (idle, active) = p.counts();
             let login = p.login();
+            let limits = p.limits();
             PoolStatus {
                 database: login.database.clone(),
                 user: login.user.clone(),
                 options: login.options.clone(),
                 backend: p.backend.id(),
                 route: p.route.label(),
+                pool_size: limits.size,
+                min_idle: limits.min_idle,
                 idle,
                 active,
                 waiting: p.waiting(),

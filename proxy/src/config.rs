@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use pools::{PoolLimits, PoolRule};
+
 /// The configuration is unusable.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -23,6 +25,15 @@ pub enum ConfigError {
     Parse(String),
     #[error("config key `{key}`: {reason}")]
     Invalid { key: &'static str, reason: String },
+    /// A key of one entry of an array of tables (`[[pools]]`), counted
+    /// from 1 in file order.
+    #[error("config key `{key}` of [[{table}]] entry {entry}: {reason}")]
+    InvalidEntry {
+        table: &'static str,
+        entry: usize,
+        key: &'static str,
+        reason: String,
+    },
 }
 
 /// Keys a reload (SIGHUP) cannot apply: the listeners, threads, pool mode,
@@ -41,12 +52,13 @@ pub const RESTART_KEYS: [&str; 8] = [
 
 /// Keys that shape server connections: a reload that changes one replaces
 /// the pools (idle connections close now, busy ones when released).
-pub const POOL_KEYS: [&str; 9] = [
+pub const POOL_KEYS: [&str; 10] = [
     "max_backend_connections",
     "server_tls_mode",
     "server_tls_ca_file",
     "pool_size",
     "min_idle",
+    "pools",
     "server_idle_timeout",
     "server_lifetime",
     "server_connect_timeout",
@@ -161,6 +173,9 @@ pub struct Config {
     /// Server connections kept open per pool once it is used (idle or in
     /// use, like PgBouncer's min_pool_size), made ahead of demand. Default 0.
     pub min_idle: usize,
+    /// `pool_size` and `min_idle` for the pools of some databases or
+    /// users (see [`PoolRule`]). Default none.
+    pub pools: Vec<PoolRule>,
     /// Client connections accepted at once; more are refused with SQLSTATE
     /// 53300. Default 10000.
     pub max_client_conn: usize,
@@ -287,6 +302,7 @@ impl Default for Config {
             pool_mode: PoolMode::Transaction,
             pool_size: 20,
             min_idle: 0,
+            pools: Vec::new(),
             max_client_conn: 10_000,
             server_idle_timeout: Duration::from_secs(60),
             server_lifetime: Duration::from_secs(3600),
@@ -448,6 +464,7 @@ impl Config {
             }
         }
         self.validate_tcp()?;
+        self.validate_pools()?;
         if pgha_cluster::validate_name(&self.id).is_err() {
             return err("id", "may only contain letters, digits, '-', '_' and '.'");
         }
@@ -509,5 +526,6 @@ impl Config {
 const MAX_KEEPALIVE_SECS: u64 = 32_767;
 const MAX_KEEPALIVE_COUNT: u32 = 127;
 
+mod pools;
 #[cfg(test)]
 mod tests;

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use common::{config, primary, psql, Raw, Running};
 use pgha_local::{reserve_port, wait_until, Proc, StopSignal};
-use pgha_proxy::config::PoolMode;
+use pgha_proxy::config::{PoolMode, PoolRule};
 use pgha_proxy::protocol::messages as msg;
 
 fn http(port: u16, method: &str, path: &str, auth: Option<&str>) -> String {
@@ -468,4 +468,80 @@ fn unix_socket_clients_reach_both_routes_and_the_socket_files_are_managed() {
     // leaves a file.
     let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
     assert!(left.is_empty(), "socket files left behind: {left:?}");
+}
+
+/// Server connections the proxy holds in `db`, as the server sees them.
+fn proxy_backends_in(pg: &pgha_local::PgInstance, db: &str) -> usize {
+    pg.psql(&format!(
+        "select count(*) from pg_stat_activity where application_name = 'pgha-proxy' and datname = '{db}'"
+    ))
+    .unwrap()
+    .parse()
+    .unwrap()
+}
+
+#[test]
+fn pools_entries_size_their_databases_pools_and_a_reload_resizes_them() {
+    let (sb, pg) = primary("px-pool-rules");
+    pg.psql("create database reports").unwrap();
+    let mut cfg = config(&pg, PoolMode::Transaction);
+    cfg.pool_size = 2;
+    cfg.checkout_timeout = Duration::from_millis(500);
+    cfg.pools = vec![PoolRule {
+        database: Some("reports".into()),
+        pool_size: Some(1),
+        ..PoolRule::default()
+    }];
+    let p = Running::start(cfg.clone());
+    let client = |db: &str| {
+        p.client_with(|c| {
+            c.dbname(db);
+        })
+        .unwrap()
+    };
+    let (a, b, r1, r2) = (
+        client("postgres"),
+        client("postgres"),
+        client("reports"),
+        client("reports"),
+    );
+    let begin = |c: &tokio_postgres::Client| p.rt.block_on(c.batch_execute("begin"));
+    // The top-level pool_size: two transactions at once in postgres.
+    begin(&a).unwrap();
+    begin(&b).unwrap();
+    // The entry's: one in reports; the second waits, then times out.
+    begin(&r1).unwrap();
+    let err = p.first_cell(&r2, "select 1").unwrap_err();
+    let text = common::db_message(&err);
+    assert!(text.contains("no server connection available"), "{text}");
+    assert_eq!(proxy_backends_in(&pg, "postgres"), 2);
+    assert_eq!(proxy_backends_in(&pg, "reports"), 1);
+    let sizes = || {
+        let mut s: Vec<(String, usize)> = (p.handle().shared.pools.snapshot().iter())
+            .filter(|pool| !pool.is_retired())
+            .map(|pool| (pool.login().database.clone(), pool.limits().size))
+            .collect();
+        s.sort();
+        s
+    };
+    assert_eq!(sizes(), [("postgres".into(), 2), ("reports".into(), 1)]);
+    for c in [&a, &b, &r1] {
+        p.rt.block_on(c.batch_execute("commit")).unwrap();
+    }
+
+    // A reload that changes the entry replaces the pools: reports now
+    // holds two transactions at once.
+    let path = sb.path().join("reload.toml");
+    let mut next = cfg;
+    next.pools[0].pool_size = Some(2);
+    std::fs::write(&path, toml::to_string(&next).unwrap()).unwrap();
+    let r = pgha_proxy::reload::reload(&p.handle().shared, &path).unwrap();
+    assert_eq!(r.applied, ["pools"]);
+    begin(&r1).unwrap();
+    begin(&r2).unwrap();
+    assert_eq!(proxy_backends_in(&pg, "reports"), 2);
+    assert!(sizes().contains(&("reports".into(), 2)), "{:?}", sizes());
+    for c in [&r1, &r2] {
+        p.rt.block_on(c.batch_execute("commit")).unwrap();
+    }
 }

@@ -138,3 +138,107 @@ fn bad_values_name_key_and_reason() {
     let c = Config::parse(&format!("idle_transaction_timeout = \"30s\"\n{MINIMAL}")).unwrap();
     assert_eq!(c.idle_transaction_timeout, Duration::from_secs(30));
 }
+
+#[test]
+fn pools_entries_set_the_size_of_the_pools_they_match_first() {
+    let c = Config::parse(&format!(
+        r#"pool_size = 10
+min_idle = 1
+{MINIMAL}
+[[pools]]
+database = "reports"
+user = "batch"
+pool_size = 1
+min_idle = 0
+
+[[pools]]
+database = "reports"
+pool_size = 4
+
+[[pools]]
+user = "batch"
+min_idle = 3
+"#
+    ))
+    .unwrap();
+    let limits = |db, user| {
+        let l = c.pool_limits(db, user);
+        (l.size, l.min_idle)
+    };
+    // The first entry that matches, in file order, even where a later one
+    // matches too.
+    assert_eq!(limits("reports", "batch"), (1, 0));
+    // Database only: its pool_size, the top-level min_idle.
+    assert_eq!(limits("reports", "app"), (4, 1));
+    // User only: the top-level pool_size, its min_idle.
+    assert_eq!(limits("sales", "batch"), (10, 3));
+    // Nothing matches: the top-level keys.
+    assert_eq!(limits("sales", "app"), (10, 1));
+    // Names are compared exactly, as PostgreSQL compares them.
+    assert_eq!(limits("Reports", "app"), (10, 1));
+}
+
+#[test]
+fn bad_pools_entries_name_the_entry_key_and_reason() {
+    let bad = |entries: &str| {
+        Config::parse(&format!("min_idle = 2\n{MINIMAL}\n{entries}"))
+            .unwrap_err()
+            .to_string()
+    };
+    let e = bad("[[pools]]\npool_size = 5\n");
+    assert!(
+        e.contains("`database` of [[pools]] entry 1: name a database, a user or both"),
+        "{e}"
+    );
+    let e = bad("[[pools]]\ndatabase = \"a\"\n");
+    assert!(
+        e.contains("`pool_size` of [[pools]] entry 1: the entry sets nothing"),
+        "{e}"
+    );
+    let e =
+        bad("[[pools]]\ndatabase = \"a\"\npool_size = 3\n[[pools]]\nuser = \"u\"\npool_size = 0\n");
+    assert!(
+        e.contains("`pool_size` of [[pools]] entry 2: must be at least 1"),
+        "{e}"
+    );
+    // The top-level min_idle (2) would exceed the entry's pool_size.
+    let e = bad("[[pools]]\ndatabase = \"a\"\npool_size = 1\n");
+    assert!(
+        e.contains("`min_idle` of [[pools]] entry 1: the top-level min_idle (2) cannot exceed the pool_size that applies (1)"),
+        "{e}"
+    );
+    let e = bad("[[pools]]\nuser = \"u\"\nmin_idle = 30\n");
+    assert!(
+        e.contains("its min_idle (30) cannot exceed the pool_size that applies (20)"),
+        "{e}"
+    );
+    let e = bad(
+        "[[pools]]\ndatabase = \"a\"\npool_size = 3\n[[pools]]\ndatabase = \"a\"\npool_size = 4\n",
+    );
+    assert!(
+        e.contains(
+            "`database` of [[pools]] entry 2: entry 1 names the same database and user first"
+        ),
+        "{e}"
+    );
+    let e = bad("[[pools]]\ndatabase = \"a\"\npool_sise = 3\n");
+    assert!(e.contains("pool_sise"), "{e}");
+    // A valid entry with min_idle 0 under a top-level min_idle of 2.
+    let c = Config::parse(&format!(
+        "min_idle = 2\n{MINIMAL}\n[[pools]]\ndatabase = \"a\"\npool_size = 1\nmin_idle = 0\n"
+    ))
+    .unwrap();
+    assert_eq!(c.pool_limits("a", "x").size, 1);
+}
+
+#[test]
+fn changing_pools_entries_is_a_pool_key() {
+    let old = Config::parse(MINIMAL).unwrap();
+    let new = Config::parse(&format!(
+        "{MINIMAL}\n[[pools]]\ndatabase = \"a\"\npool_size = 3\n"
+    ))
+    .unwrap();
+    let changed = new.changed_keys(&old);
+    assert_eq!(changed, vec!["pools".to_owned()]);
+    assert!(POOL_KEYS.contains(&"pools"));
+}

@@ -25,7 +25,7 @@ mod pools;
 pub use pools::Pools;
 
 use crate::cap::{BackendCap, CapSlot};
-use crate::config::Config;
+use crate::config::{Config, PoolLimits};
 use crate::lock;
 use crate::router::{Backend, Route};
 use crate::server::{ConnectOpts, Login, Params, ServerConn, ServerError};
@@ -64,6 +64,8 @@ pub struct Pool {
     pub route: Route,
     login: Login,
     cfg: Arc<Config>,
+    /// Its size and minimum: the top-level keys or a `[[pools]]` entry's.
+    limits: PoolLimits,
     connect: ConnectOpts,
     /// Boxed: connections move in and out on every transaction, and a
     /// box moves as one pointer instead of the whole connection.
@@ -130,12 +132,14 @@ impl Pool {
         connect: ConnectOpts,
         cap: Arc<BackendCap>,
     ) -> Pool {
+        let limits = cfg.pool_limits(&login.database, &login.user);
         Pool {
             cap,
             waiting_for_backend: AtomicUsize::new(0),
             connect,
             route,
-            slots: Arc::new(Semaphore::new(cfg.pool_size)),
+            slots: Arc::new(Semaphore::new(limits.size)),
+            limits,
             backend,
             login,
             cfg,
@@ -187,6 +191,11 @@ impl Pool {
     /// display).
     pub fn login(&self) -> &Login {
         &self.login
+    }
+
+    /// Its size and minimum.
+    pub fn limits(&self) -> PoolLimits {
+        self.limits
     }
 
     /// Clients waiting for a connection now.
@@ -440,9 +449,9 @@ impl Pool {
         // idle with its own) except idle ones whose slot went to a waiter.
         let open = || {
             let unslotted = lock(&self.idle).iter().filter(|i| i.slot.is_none()).count();
-            unslotted + self.cfg.pool_size - self.slots.available_permits()
+            unslotted + self.limits.size - self.slots.available_permits()
         };
-        while !self.is_retired() && open() < self.cfg.min_idle {
+        while !self.is_retired() && open() < self.limits.min_idle {
             let Ok(slot) = self.slots.clone().try_acquire_owned() else {
                 return;
             };

@@ -1,0 +1,105 @@
+//! `[[pools]]`: the size bounds of the pools of some databases or users,
+//! in place of the top-level `pool_size` and `min_idle`.
+
+use serde::{Deserialize, Serialize};
+
+use super::{Config, ConfigError};
+
+/// The pool size and minimum of the pools of one database, one user, or
+/// one user in one database, in place of the top-level `pool_size` and
+/// `min_idle` (PgBouncer's `pool_size` and `min_pool_size` in
+/// `[databases]` and `[users]`). The first entry that matches a pool, in
+/// file order, applies to it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolRule {
+    /// The database it applies to; every database when absent.
+    pub database: Option<String>,
+    /// The user it applies to; every user when absent.
+    pub user: Option<String>,
+    /// Server connections per pool it matches; the top-level `pool_size`
+    /// when absent.
+    pub pool_size: Option<usize>,
+    /// Server connections kept open per pool it matches; the top-level
+    /// `min_idle` when absent.
+    pub min_idle: Option<usize>,
+}
+
+impl PoolRule {
+    fn matches(&self, database: &str, user: &str) -> bool {
+        self.database.as_deref().is_none_or(|d| d == database)
+            && self.user.as_deref().is_none_or(|u| u == user)
+    }
+}
+
+/// The size bounds of one pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolLimits {
+    /// Server connections at most (idle plus in use).
+    pub size: usize,
+    /// Server connections kept open once the pool is used.
+    pub min_idle: usize,
+}
+
+impl Config {
+    /// The size bounds of the pools of `user` in `database`: the first
+    /// `[[pools]]` entry that matches, else the top-level keys.
+    pub fn pool_limits(&self, database: &str, user: &str) -> PoolLimits {
+        let rule = self.pools.iter().find(|r| r.matches(database, user));
+        PoolLimits {
+            size: rule.and_then(|r| r.pool_size).unwrap_or(self.pool_size),
+            min_idle: rule.and_then(|r| r.min_idle).unwrap_or(self.min_idle),
+        }
+    }
+
+    /// The `[[pools]]` entries: each names whom it applies to and what it
+    /// sets, and is reachable (no earlier entry for the same pools).
+    pub(super) fn validate_pools(&self) -> Result<(), ConfigError> {
+        for (i, rule) in self.pools.iter().enumerate() {
+            let invalid = |key, reason: String| ConfigError::InvalidEntry {
+                table: "pools",
+                entry: i + 1,
+                key,
+                reason,
+            };
+            if rule.database.is_none() && rule.user.is_none() {
+                return Err(invalid(
+                    "database",
+                    "name a database, a user or both (the top-level pool_size and min_idle apply to every pool)".into(),
+                ));
+            }
+            if rule.pool_size.is_none() && rule.min_idle.is_none() {
+                return Err(invalid(
+                    "pool_size",
+                    "the entry sets nothing: give pool_size, min_idle or both".into(),
+                ));
+            }
+            if rule.pool_size == Some(0) {
+                return Err(invalid("pool_size", "must be at least 1".into()));
+            }
+            let size = rule.pool_size.unwrap_or(self.pool_size);
+            let min_idle = rule.min_idle.unwrap_or(self.min_idle);
+            if min_idle > size {
+                let whose = if rule.min_idle.is_some() {
+                    "its"
+                } else {
+                    "the top-level"
+                };
+                return Err(invalid(
+                    "min_idle",
+                    format!("{whose} min_idle ({min_idle}) cannot exceed the pool_size that applies ({size})"),
+                ));
+            }
+            if let Some(j) = self.pools[..i]
+                .iter()
+                .position(|r| r.database == rule.database && r.user == rule.user)
+            {
+                return Err(invalid(
+                    "database",
+                    format!("entry {} names the same database and user first, so this one never applies", j + 1),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
