@@ -8,11 +8,12 @@
 
 use std::time::Duration;
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use metrics::{Counter, Gauge};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use crate::router::Route;
 use crate::Shared;
@@ -70,6 +71,73 @@ fn render_counter(out: &mut String, name: &str, help: &str, series: &[(&str, &Ho
             let _ = writeln!(out, "{name} {}", c.get());
         } else {
             let _ = writeln!(out, "{name}{{{labels}}} {}", c.get());
+        }
+    }
+}
+
+/// A Prometheus label value: backslash, double quote and newline escaped.
+fn label(v: &str) -> std::borrow::Cow<'_, str> {
+    if !v.contains(['\\', '"', '\n']) {
+        return v.into();
+    }
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+        .into()
+}
+
+/// Server connections by state and waiting clients, per database, user,
+/// backend and route (pools that differ only in startup options summed),
+/// computed at each scrape from the pools there are: a pool that is gone
+/// (its backend left its role, a reload replaced it) leaves no series.
+fn render_pools(out: &mut String, shared: &Shared) {
+    type Labels = (String, String, String, &'static str);
+    let mut pools: BTreeMap<Labels, [usize; 3]> = BTreeMap::new();
+    for pool in shared.pools.snapshot() {
+        let (idle, active) = pool.counts();
+        let login = pool.login();
+        let key = (
+            login.database.clone(),
+            login.user.clone(),
+            pool.backend.id(),
+            pool.route.label(),
+        );
+        let n = pools.entry(key).or_default();
+        n[0] += idle;
+        n[1] += active;
+        n[2] += pool.waiting();
+    }
+    let families = [
+        (
+            "pgha_proxy_server_connections",
+            "Server connections by state (idle, active), per database, user, backend and route.",
+            &[("idle", 0), ("active", 1)][..],
+        ),
+        (
+            "pgha_proxy_waiting_clients",
+            "Clients waiting for a server connection, per database, user, backend and route.",
+            &[("", 2)][..],
+        ),
+    ];
+    for (name, help, series) in families {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} gauge");
+        for ((database, user, backend, route), n) in &pools {
+            for (state, i) in series {
+                let state = if state.is_empty() {
+                    String::new()
+                } else {
+                    format!("state=\"{state}\",")
+                };
+                let _ = writeln!(
+                    out,
+                    "{name}{{{state}database=\"{}\",user=\"{}\",backend=\"{}\",route=\"{route}\"}} {}",
+                    label(database),
+                    label(user),
+                    label(backend),
+                    n[*i]
+                );
+            }
         }
     }
 }
@@ -150,7 +218,8 @@ impl WaitHistogram {
 
 /// Every metric of one proxy.
 pub struct Metrics {
-    recorder: PrometheusRecorder,
+    /// Renders what the `metrics` handles below count (the recorder that
+    /// made them is not needed after that).
     handle: PrometheusHandle,
     rw: RouteMetrics,
     ro: RouteMetrics,
@@ -199,7 +268,6 @@ impl Metrics {
             )
         });
         Metrics {
-            recorder,
             handle,
             rw: RouteMetrics::default(),
             ro: RouteMetrics::default(),
@@ -241,26 +309,8 @@ impl Metrics {
     /// The Prometheus text, with connection gauges computed now.
     pub fn render(&self, shared: &Shared) -> String {
         self.clients.set(shared.client_count() as f64);
-        metrics::with_local_recorder(&self.recorder, || {
-            for pool in shared.pools.snapshot() {
-                let (idle, active) = pool.counts();
-                let backend = pool.backend.id();
-                let route = pool.route.label();
-                metrics::gauge!(
-                    "pgha_proxy_waiting_clients",
-                    "backend" => backend.clone(), "route" => route
-                )
-                .set(pool.waiting() as f64);
-                for (state, n) in [("idle", idle), ("active", active)] {
-                    metrics::gauge!(
-                        "pgha_proxy_server_connections",
-                        "state" => state, "backend" => backend.clone(), "route" => route
-                    )
-                    .set(n as f64);
-                }
-            }
-        });
         let mut out = self.handle.render();
+        render_pools(&mut out, shared);
         let routes = |f: fn(&RouteMetrics) -> &HotCounter| {
             [("route=\"rw\"", f(&self.rw)), ("route=\"ro\"", f(&self.ro))]
         };
@@ -304,6 +354,13 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(label("app"), "app");
+        assert_eq!(label(r#"a"b\c"#), r#"a\"b\\c"#);
+        assert_eq!(label("a\nb"), "a\\nb");
+    }
 
     #[test]
     fn hot_counters_render_as_prometheus_counters() {

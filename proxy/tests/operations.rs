@@ -525,6 +525,17 @@ fn pools_entries_size_their_databases_pools_and_a_reload_resizes_them() {
         s
     };
     assert_eq!(sizes(), [("postgres".into(), 2), ("reports".into(), 1)]);
+    // /metrics: each pool's servers under its own database, none lost to
+    // another pool of the same backend and route.
+    let shared = p.handle().shared.clone();
+    let active = |db: &str| {
+        let series = format!(
+            "pgha_proxy_server_connections{{state=\"active\",database=\"{db}\",user=\"postgres\",backend=\"{}\",route=\"rw\"}}",
+            shared.topology.load().leader.as_ref().unwrap().id()
+        );
+        metric(&shared.metrics.render(&shared), &series)
+    };
+    assert_eq!((active("postgres"), active("reports")), (2.0, 1.0));
     for c in [&a, &b, &r1] {
         p.rt.block_on(c.batch_execute("commit")).unwrap();
     }
@@ -541,6 +552,14 @@ fn pools_entries_size_their_databases_pools_and_a_reload_resizes_them() {
     begin(&r2).unwrap();
     assert_eq!(proxy_backends_in(&pg, "reports"), 2);
     assert!(sizes().contains(&("reports".into(), 2)), "{:?}", sizes());
+    // The replaced pools left no series behind.
+    let text = shared.metrics.render(&shared);
+    let active_total: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("pgha_proxy_server_connections{state=\"active\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(active_total, 2.0, "{text}");
     for c in [&r1, &r2] {
         p.rt.block_on(c.batch_execute("commit")).unwrap();
     }
