@@ -1,10 +1,11 @@
 //! The admin HTTP endpoint (hyper 1): `/metrics` for Prometheus, `/status`
-//! (routing table and pools as JSON), `/health`, and POST `/pause` and
-//! `/resume`, which need `Authorization: Bearer <admin_token>`.
+//! (routing table and pools as JSON), `/health`, and POST `/pause`,
+//! `/resume` and `/reconnect[?database=NAME]`, which need
+//! `Authorization: Bearer <admin_token>`.
 //!
-//! The request handling is a plain function of (method, path, auth header)
-//! so it is tested without sockets. May call: `metrics`, `switchover`
-//! (pause), `topology`, `pool` (read-only snapshots).
+//! The request handling is a plain function of (method, path, query,
+//! auth header) so it is tested without sockets. May call: `metrics`,
+//! `switchover` (pause), `topology`, `pool` (snapshots, reconnect).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -95,6 +96,7 @@ pub fn respond(
     shared: &Shared,
     method: &Method,
     path: &str,
+    query: Option<&str>,
     auth: Option<&str>,
 ) -> (StatusCode, &'static str, String) {
     const TEXT: &str = "text/plain; charset=utf-8";
@@ -106,7 +108,7 @@ pub fn respond(
             shared.metrics.render(shared),
         ),
         (&Method::GET, "/status") => (StatusCode::OK, "application/json", status_json(shared)),
-        (&Method::POST, "/pause" | "/resume") => {
+        (&Method::POST, "/pause" | "/resume" | "/reconnect") => {
             let allowed = shared
                 .cfg()
                 .admin_token
@@ -114,6 +116,14 @@ pub fn respond(
                 .is_some_and(|t| token_ok(t, auth));
             if !allowed {
                 return (StatusCode::UNAUTHORIZED, TEXT, "unauthorized\n".into());
+            }
+            if path == "/reconnect" {
+                let database = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+                    .find(|(k, _)| k == "database")
+                    .map(|(_, v)| v.into_owned());
+                let n = shared.pools.reconnect(database.as_deref());
+                tracing::info!(database, pools = n, "admin: reconnect");
+                return (StatusCode::OK, TEXT, format!("reconnecting {n} pools\n"));
             }
             let pause = path == "/pause";
             crate::switchover::set_admin_pause(shared, pause);
@@ -141,8 +151,13 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Cancellatio
                         .headers()
                         .get(hyper::header::AUTHORIZATION)
                         .and_then(|v| v.to_str().ok());
-                    let (code, ctype, body) =
-                        respond(&shared, req.method(), req.uri().path(), auth);
+                    let (code, ctype, body) = respond(
+                        &shared,
+                        req.method(),
+                        req.uri().path(),
+                        req.uri().query(),
+                        auth,
+                    );
                     let mut resp = Response::new(Full::new(Bytes::from(body)));
                     *resp.status_mut() = code;
                     if let Ok(v) = hyper::header::HeaderValue::from_str(ctype) {
@@ -185,41 +200,65 @@ mod tests {
     #[test]
     fn pause_and_resume_need_the_token() {
         let s = shared(Some("sekrit"));
-        let (code, _, _) = respond(&s, &Method::POST, "/pause", None);
+        let (code, _, _) = respond(&s, &Method::POST, "/pause", None, None);
         assert_eq!(code, StatusCode::UNAUTHORIZED);
-        let (code, _, _) = respond(&s, &Method::POST, "/pause", Some("Bearer nope!!"));
+        let (code, _, _) = respond(&s, &Method::POST, "/pause", None, Some("Bearer nope!!"));
         assert_eq!(code, StatusCode::UNAUTHORIZED);
         assert!(!s.topology.load().paused);
-        let (code, _, _) = respond(&s, &Method::POST, "/pause", Some("Bearer sekrit"));
+        let (code, _, _) = respond(&s, &Method::POST, "/pause", None, Some("Bearer sekrit"));
         assert_eq!(code, StatusCode::OK);
         assert!(s.topology.load().paused);
-        respond(&s, &Method::POST, "/resume", Some("Bearer sekrit"));
+        respond(&s, &Method::POST, "/resume", None, Some("Bearer sekrit"));
         assert!(!s.topology.load().paused);
         // Without a configured token nobody may pause.
         let open = shared(None);
-        let (code, _, _) = respond(&open, &Method::POST, "/pause", Some("Bearer "));
+        let (code, _, _) = respond(&open, &Method::POST, "/pause", None, Some("Bearer "));
         assert_eq!(code, StatusCode::UNAUTHORIZED);
+    }
+
+    #[test]
+    fn reconnect_needs_the_token_and_says_how_many_pools() {
+        let s = shared(Some("sekrit"));
+        let (code, _, _) = respond(&s, &Method::POST, "/reconnect", None, None);
+        assert_eq!(code, StatusCode::UNAUTHORIZED);
+        let auth = Some("Bearer sekrit");
+        let (code, _, body) = respond(
+            &s,
+            &Method::POST,
+            "/reconnect",
+            Some("database=a%20b"),
+            auth,
+        );
+        assert_eq!(
+            (code, body.as_str()),
+            (StatusCode::OK, "reconnecting 0 pools\n")
+        );
+        let (code, _, _) = respond(&s, &Method::GET, "/reconnect", None, auth);
+        assert_eq!(code, StatusCode::NOT_FOUND);
     }
 
     #[test]
     fn status_health_and_metrics_answer() {
         let s = shared(None);
-        let (code, ctype, body) = respond(&s, &Method::GET, "/status", None);
+        let (code, ctype, body) = respond(&s, &Method::GET, "/status", None, None);
         assert_eq!((code, ctype), (StatusCode::OK, "application/json"));
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(v["routing"]["leader"]["name"], "pg1");
-        assert_eq!(respond(&s, &Method::GET, "/health", None).0, StatusCode::OK);
+        assert_eq!(
+            respond(&s, &Method::GET, "/health", None, None).0,
+            StatusCode::OK
+        );
         s.metrics
             .route(crate::router::Route::ReadWrite)
             .transactions
             .increment(3);
-        let (_, _, text) = respond(&s, &Method::GET, "/metrics", None);
+        let (_, _, text) = respond(&s, &Method::GET, "/metrics", None, None);
         assert!(
             text.contains("pgha_proxy_transactions_total{route=\"rw\"} 3"),
             "{text}"
         );
         assert_eq!(
-            respond(&s, &Method::GET, "/nope", None).0,
+            respond(&s, &Method::GET, "/nope", None, None).0,
             StatusCode::NOT_FOUND
         );
     }

@@ -11,25 +11,10 @@ use std::net::TcpStream;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{config, primary, psql, Raw, Running};
+use common::{config, http, primary, psql, Raw, Running};
 use pgha_local::{reserve_port, wait_until, Proc, StopSignal};
 use pgha_proxy::config::{PoolMode, PoolRule};
 use pgha_proxy::protocol::messages as msg;
-
-fn http(port: u16, method: &str, path: &str, auth: Option<&str>) -> String {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    let auth = auth
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\nContent-Length: 0\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
 
 #[test]
 fn the_binary_serves_admin_http_reloads_users_on_sighup_and_exits_on_sigterm() {

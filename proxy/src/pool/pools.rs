@@ -156,6 +156,24 @@ impl Pools {
         });
     }
 
+    /// Retires the pools of `database`, or every pool (PgBouncer's
+    /// RECONNECT): their idle connections close now, busy ones when they
+    /// are released, and the next transaction opens new ones, which get
+    /// what changed on the server since (`ALTER ROLE ... SET`, a new
+    /// certificate). How many pools were retired.
+    pub fn reconnect(&self, database: Option<&str>) -> usize {
+        let mut retired = 0;
+        lock(&self.map).retain(|(db, ..), p| {
+            let hit = database.is_none_or(|d| d == db);
+            if hit {
+                p.retire();
+                retired += 1;
+            }
+            !hit
+        });
+        retired
+    }
+
     /// Checked-out read-write connections: transactions in flight on the leader.
     pub fn rw_in_flight(&self) -> usize {
         lock(&self.map)

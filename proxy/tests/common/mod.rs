@@ -365,3 +365,20 @@ pub fn db_message(e: &tokio_postgres::Error) -> String {
         .map(|d| format!("{}: {}", d.code().code(), d.message()))
         .unwrap_or_else(|| e.to_string())
 }
+
+/// One HTTP/1.1 request to the admin API on 127.0.0.1:`port`, with a
+/// bearer token when given: the whole response, status line first.
+pub fn http(port: u16, method: &str, path: &str, auth: Option<&str>) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let auth = auth
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\nContent-Length: 0\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
