@@ -53,7 +53,7 @@ impl Config {
     }
 
     /// The `[[pools]]` entries: each names whom it applies to and what it
-    /// sets, and is reachable (no earlier entry for the same pools).
+    /// sets, and is reachable (no earlier entry matches all its pools).
     pub(super) fn validate_pools(&self) -> Result<(), ConfigError> {
         for (i, rule) in self.pools.iter().enumerate() {
             let invalid = |key, reason: String| ConfigError::InvalidEntry {
@@ -90,13 +90,20 @@ impl Config {
                     format!("{whose} min_idle ({min_idle}) cannot exceed the pool_size that applies ({size})"),
                 ));
             }
-            if let Some(j) = self.pools[..i]
-                .iter()
-                .position(|r| r.database == rule.database && r.user == rule.user)
-            {
+            // An earlier entry for the same pools or more (the same
+            // database or any, the same user or any) takes all of them.
+            let covers = |r: &PoolRule| {
+                r.database
+                    .as_ref()
+                    .is_none_or(|d| Some(d) == rule.database.as_ref())
+                    && r.user
+                        .as_ref()
+                        .is_none_or(|u| Some(u) == rule.user.as_ref())
+            };
+            if let Some(j) = self.pools[..i].iter().position(covers) {
                 return Err(invalid(
                     "database",
-                    format!("entry {} names the same database and user first, so this one never applies", j + 1),
+                    format!("entry {} comes first and matches every pool this one does, so this one never applies", j + 1),
                 ));
             }
         }

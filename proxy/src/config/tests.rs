@@ -212,14 +212,30 @@ fn bad_pools_entries_name_the_entry_key_and_reason() {
         e.contains("its min_idle (30) cannot exceed the pool_size that applies (20)"),
         "{e}"
     );
-    let e = bad(
-        "[[pools]]\ndatabase = \"a\"\npool_size = 3\n[[pools]]\ndatabase = \"a\"\npool_size = 4\n",
-    );
-    assert!(
-        e.contains(
-            "`database` of [[pools]] entry 2: entry 1 names the same database and user first"
-        ),
-        "{e}"
+    // Entry 2 could never apply: entry 1 takes all its pools (the same
+    // database and user, or the same database and any user, or any
+    // database and the same user).
+    for first in [
+        "database = \"a\"\nuser = \"u\"",
+        "database = \"a\"",
+        "user = \"u\"",
+    ] {
+        let e = bad(&format!(
+            "[[pools]]\n{first}\npool_size = 3\n[[pools]]\ndatabase = \"a\"\nuser = \"u\"\npool_size = 4\n"
+        ));
+        assert!(
+            e.contains("`database` of [[pools]] entry 2: entry 1 comes first and matches every pool this one does"),
+            "{first}: {e}"
+        );
+    }
+    // The narrower entry first: both apply, each to its own pools.
+    let c = Config::parse(&format!(
+        "{MINIMAL}\n[[pools]]\ndatabase = \"a\"\nuser = \"u\"\npool_size = 3\n[[pools]]\ndatabase = \"a\"\npool_size = 4\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        (c.pool_limits("a", "u").size, c.pool_limits("a", "v").size),
+        (3, 4)
     );
     let e = bad("[[pools]]\ndatabase = \"a\"\npool_sise = 3\n");
     assert!(e.contains("pool_sise"), "{e}");
