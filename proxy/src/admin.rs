@@ -29,9 +29,11 @@ struct PoolStatus {
     options: String,
     backend: String,
     route: &'static str,
-    /// Its size and minimum (the top-level keys or a `[[pools]]` entry's).
+    /// Its size, minimum and mode (the top-level keys or a `[[pools]]`
+    /// entry's).
     pool_size: usize,
     min_idle: usize,
+    pool_mode: crate::config::PoolMode,
     idle: usize,
     active: usize,
     waiting: usize,
@@ -57,15 +59,16 @@ fn status_json(shared: &Shared) -> String {
         .map(|p| {
             let (idle, active) = p.counts();
             let login = p.login();
-            let limits = p.limits();
+            let settings = p.settings();
             PoolStatus {
                 database: login.database.clone(),
                 user: login.user.clone(),
                 options: login.options.clone(),
                 backend: p.backend.id(),
                 route: p.route.label(),
-                pool_size: limits.size,
-                min_idle: limits.min_idle,
+                pool_size: settings.size,
+                min_idle: settings.min_idle,
+                pool_mode: settings.mode,
                 idle,
                 active,
                 waiting: p.waiting(),

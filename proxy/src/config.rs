@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use pools::{PoolLimits, PoolRule};
+pub use pools::{PoolRule, PoolSettings};
 
 /// The configuration is unusable.
 #[derive(Debug, thiserror::Error)]

@@ -11,9 +11,9 @@ use std::net::TcpStream;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{config, http, primary, psql, Raw, Running};
+use common::{config, http, metric, primary, psql, Raw, Running};
 use pgha_local::{reserve_port, wait_until, Proc, StopSignal};
-use pgha_proxy::config::{PoolMode, PoolRule};
+use pgha_proxy::config::PoolMode;
 use pgha_proxy::protocol::messages as msg;
 
 #[test]
@@ -309,14 +309,6 @@ fn reload_applies_settings_and_backends_keeps_restart_keys_and_refuses_a_bad_fil
     assert_eq!(one("select n from whoami"), "pg2");
 }
 
-/// One series' value in Prometheus text (`name{labels}` exactly as
-/// rendered); 0 when absent.
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
-}
-
 /// The metrics count what clients did: requests and transactions per
 /// route, waits for a server, bytes both ways to the byte, connected
 /// clients, server connections and errors by kind.
@@ -453,101 +445,4 @@ fn unix_socket_clients_reach_both_routes_and_the_socket_files_are_managed() {
     // leaves a file.
     let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
     assert!(left.is_empty(), "socket files left behind: {left:?}");
-}
-
-/// Server connections the proxy holds in `db`, as the server sees them.
-fn proxy_backends_in(pg: &pgha_local::PgInstance, db: &str) -> usize {
-    pg.psql(&format!(
-        "select count(*) from pg_stat_activity where application_name = 'pgha-proxy' and datname = '{db}'"
-    ))
-    .unwrap()
-    .parse()
-    .unwrap()
-}
-
-#[test]
-fn pools_entries_size_their_databases_pools_and_a_reload_resizes_them() {
-    let (sb, pg) = primary("px-pool-rules");
-    pg.psql("create database reports").unwrap();
-    let mut cfg = config(&pg, PoolMode::Transaction);
-    cfg.pool_size = 2;
-    cfg.checkout_timeout = Duration::from_millis(500);
-    cfg.pools = vec![PoolRule {
-        database: Some("reports".into()),
-        pool_size: Some(1),
-        ..PoolRule::default()
-    }];
-    let p = Running::start(cfg.clone());
-    let client = |db: &str| {
-        p.client_with(|c| {
-            c.dbname(db);
-        })
-        .unwrap()
-    };
-    let (a, b, r1, r2) = (
-        client("postgres"),
-        client("postgres"),
-        client("reports"),
-        client("reports"),
-    );
-    let begin = |c: &tokio_postgres::Client| p.rt.block_on(c.batch_execute("begin"));
-    // The top-level pool_size: two transactions at once in postgres.
-    begin(&a).unwrap();
-    begin(&b).unwrap();
-    // The entry's: one in reports; the second waits, then times out.
-    begin(&r1).unwrap();
-    let err = p.first_cell(&r2, "select 1").unwrap_err();
-    let text = common::db_message(&err);
-    assert!(text.contains("no server connection available"), "{text}");
-    assert_eq!(proxy_backends_in(&pg, "postgres"), 2);
-    assert_eq!(proxy_backends_in(&pg, "reports"), 1);
-    let sizes = || {
-        let mut s: Vec<(String, usize)> = (p.handle().shared.pools.snapshot().iter())
-            .filter(|pool| !pool.is_retired())
-            .map(|pool| (pool.login().database.clone(), pool.limits().size))
-            .collect();
-        s.sort();
-        s
-    };
-    assert_eq!(sizes(), [("postgres".into(), 2), ("reports".into(), 1)]);
-    // /metrics: each pool's servers under its own database, none lost to
-    // another pool of the same backend and route.
-    let shared = p.handle().shared.clone();
-    let active = |db: &str| {
-        let series = format!(
-            "pgha_proxy_server_connections{{state=\"active\",database=\"{db}\",user=\"postgres\",backend=\"{}\",route=\"rw\"}}",
-            shared.topology.load().leader.as_ref().unwrap().id()
-        );
-        metric(&shared.metrics.render(&shared), &series)
-    };
-    assert_eq!((active("postgres"), active("reports")), (2.0, 1.0));
-    for c in [&a, &b, &r1] {
-        p.rt.block_on(c.batch_execute("commit")).unwrap();
-    }
-
-    // A reload that changes the entry replaces the pools: reports now
-    // holds two transactions at once.
-    let path = sb.path().join("reload.toml");
-    let mut next = cfg;
-    next.pools[0].pool_size = Some(2);
-    std::fs::write(&path, toml::to_string(&next).unwrap()).unwrap();
-    let r = pgha_proxy::reload::reload(&p.handle().shared, &path).unwrap();
-    assert_eq!(r.applied, ["pools"]);
-    begin(&r1).unwrap();
-    begin(&r2).unwrap();
-    // The replaced pool's idle server has closed, or is about to: its
-    // backend leaves pg_stat_activity when it has seen the EOF.
-    wait_until("two servers in reports", Duration::from_secs(10), || {
-        Ok((proxy_backends_in(&pg, "reports") == 2).then_some(()))
-    })
-    .unwrap();
-    assert!(sizes().contains(&("reports".into(), 2)), "{:?}", sizes());
-    // The replaced pools left no series behind: postgres's was not made
-    // again, so no series names it.
-    let text = shared.metrics.render(&shared);
-    assert!(!text.contains("database=\"postgres\""), "{text}");
-    assert_eq!(active("reports"), 2.0);
-    for c in [&r1, &r2] {
-        p.rt.block_on(c.batch_execute("commit")).unwrap();
-    }
 }

@@ -1,15 +1,16 @@
-//! `[[pools]]`: the size bounds of the pools of some databases or users,
-//! in place of the top-level `pool_size` and `min_idle`.
+//! `[[pools]]`: the size bounds and mode of the pools of some databases
+//! or users, in place of the top-level `pool_size`, `min_idle` and
+//! `pool_mode`.
 
 use serde::{Deserialize, Serialize};
 
-use super::{Config, ConfigError};
+use super::{Config, ConfigError, PoolMode};
 
-/// The pool size and minimum of the pools of one database, one user, or
-/// one user in one database, in place of the top-level `pool_size` and
-/// `min_idle` (PgBouncer's `pool_size` and `min_pool_size` in
-/// `[databases]` and `[users]`). The first entry that matches a pool, in
-/// file order, applies to it.
+/// The pool size, minimum and mode of the pools of one database, one
+/// user, or one user in one database, in place of the top-level
+/// `pool_size`, `min_idle` and `pool_mode` (PgBouncer's `pool_size`,
+/// `min_pool_size` and `pool_mode` in `[databases]` and `[users]`). The
+/// first entry that matches a pool, in file order, applies to it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PoolRule {
@@ -23,6 +24,9 @@ pub struct PoolRule {
     /// Server connections kept open per pool it matches; the top-level
     /// `min_idle` when absent.
     pub min_idle: Option<usize>,
+    /// How long its clients keep a server connection; the top-level
+    /// `pool_mode` when absent. A client keeps the mode it logged in with.
+    pub pool_mode: Option<PoolMode>,
 }
 
 impl PoolRule {
@@ -32,23 +36,27 @@ impl PoolRule {
     }
 }
 
-/// The size bounds of one pool.
+/// The bounds and mode of one pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PoolLimits {
+pub struct PoolSettings {
     /// Server connections at most (idle plus in use).
     pub size: usize,
     /// Server connections kept open once the pool is used.
     pub min_idle: usize,
+    /// How long its clients keep a server connection.
+    pub mode: PoolMode,
 }
 
 impl Config {
-    /// The size bounds of the pools of `user` in `database`: the first
-    /// `[[pools]]` entry that matches, else the top-level keys.
-    pub fn pool_limits(&self, database: &str, user: &str) -> PoolLimits {
+    /// The bounds and mode of the pools of `user` in `database`: the first
+    /// `[[pools]]` entry that matches, else (and for what it leaves out)
+    /// the top-level keys.
+    pub fn pool_settings(&self, database: &str, user: &str) -> PoolSettings {
         let rule = self.pools.iter().find(|r| r.matches(database, user));
-        PoolLimits {
+        PoolSettings {
             size: rule.and_then(|r| r.pool_size).unwrap_or(self.pool_size),
             min_idle: rule.and_then(|r| r.min_idle).unwrap_or(self.min_idle),
+            mode: rule.and_then(|r| r.pool_mode).unwrap_or(self.pool_mode),
         }
     }
 
@@ -65,13 +73,13 @@ impl Config {
             if rule.database.is_none() && rule.user.is_none() {
                 return Err(invalid(
                     "database",
-                    "name a database, a user or both (the top-level pool_size and min_idle apply to every pool)".into(),
+                    "name a database, a user or both (the top-level pool_size, min_idle and pool_mode apply to every pool)".into(),
                 ));
             }
-            if rule.pool_size.is_none() && rule.min_idle.is_none() {
+            if rule.pool_size.is_none() && rule.min_idle.is_none() && rule.pool_mode.is_none() {
                 return Err(invalid(
                     "pool_size",
-                    "the entry sets nothing: give pool_size, min_idle or both".into(),
+                    "the entry sets nothing: give pool_size, min_idle or pool_mode".into(),
                 ));
             }
             if rule.pool_size == Some(0) {

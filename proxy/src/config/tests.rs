@@ -158,13 +158,24 @@ pool_size = 4
 [[pools]]
 user = "batch"
 min_idle = 3
+
+[[pools]]
+database = "legacy"
+pool_mode = "session"
 "#
     ))
     .unwrap();
     let limits = |db, user| {
-        let l = c.pool_limits(db, user);
+        let l = c.pool_settings(db, user);
         (l.size, l.min_idle)
     };
+    let mode = |db, user| c.pool_settings(db, user).mode;
+    assert_eq!(mode("legacy", "app"), PoolMode::Session);
+    // What an entry leaves out is the top-level value, not a later
+    // entry's: legacy's pools of batch take entry 3 (min_idle), whose
+    // pool_mode is the top-level one.
+    assert_eq!(mode("legacy", "batch"), PoolMode::Transaction);
+    assert_eq!(limits("legacy", "app"), (10, 1));
     // The first entry that matches, in file order, even where a later one
     // matches too.
     assert_eq!(limits("reports", "batch"), (1, 0));
@@ -234,7 +245,10 @@ fn bad_pools_entries_name_the_entry_key_and_reason() {
     ))
     .unwrap();
     assert_eq!(
-        (c.pool_limits("a", "u").size, c.pool_limits("a", "v").size),
+        (
+            c.pool_settings("a", "u").size,
+            c.pool_settings("a", "v").size
+        ),
         (3, 4)
     );
     let e = bad("[[pools]]\ndatabase = \"a\"\npool_sise = 3\n");
@@ -244,7 +258,7 @@ fn bad_pools_entries_name_the_entry_key_and_reason() {
         "min_idle = 2\n{MINIMAL}\n[[pools]]\ndatabase = \"a\"\npool_size = 1\nmin_idle = 0\n"
     ))
     .unwrap();
-    assert_eq!(c.pool_limits("a", "x").size, 1);
+    assert_eq!(c.pool_settings("a", "x").size, 1);
 }
 
 #[test]

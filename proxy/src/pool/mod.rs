@@ -25,7 +25,7 @@ mod pools;
 pub use pools::Pools;
 
 use crate::cap::{BackendCap, CapSlot};
-use crate::config::{Config, PoolLimits};
+use crate::config::{Config, PoolSettings};
 use crate::lock;
 use crate::router::{Backend, Route};
 use crate::server::{ConnectOpts, Login, Params, ServerConn, ServerError};
@@ -65,7 +65,7 @@ pub struct Pool {
     login: Login,
     cfg: Arc<Config>,
     /// Its size and minimum: the top-level keys or a `[[pools]]` entry's.
-    limits: PoolLimits,
+    limits: PoolSettings,
     connect: ConnectOpts,
     /// Boxed: connections move in and out on every transaction, and a
     /// box moves as one pointer instead of the whole connection.
@@ -132,7 +132,7 @@ impl Pool {
         connect: ConnectOpts,
         cap: Arc<BackendCap>,
     ) -> Pool {
-        let limits = cfg.pool_limits(&login.database, &login.user);
+        let limits = cfg.pool_settings(&login.database, &login.user);
         Pool {
             cap,
             waiting_for_backend: AtomicUsize::new(0),
@@ -194,7 +194,7 @@ impl Pool {
     }
 
     /// Its size and minimum.
-    pub fn limits(&self) -> PoolLimits {
+    pub fn settings(&self) -> PoolSettings {
         self.limits
     }
 

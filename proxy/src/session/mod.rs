@@ -130,6 +130,9 @@ struct Session<C> {
     awaits_server: bool,
     /// A transaction-mode client that keeps its server from now on.
     pinned: bool,
+    /// Its pool mode, chosen at login (`pool_mode`, or a `[[pools]]`
+    /// entry's) and kept for its whole life.
+    mode: PoolMode,
     /// What the statements in flight may leave on the server (see `sets`).
     sets: crate::sets::SetWatch,
 }
@@ -138,7 +141,7 @@ impl<C: ClientIo> Session<C> {
     /// Transaction pooling applies: the pool mode says so and the client
     /// did not pin its server (see `relay::pins`).
     fn tx_mode(&self) -> bool {
-        self.cfg.pool_mode == PoolMode::Transaction && !self.pinned
+        self.mode == PoolMode::Transaction && !self.pinned
     }
 
     /// Attaches a server: an idle pooled one at once when the routing table

@@ -18,7 +18,7 @@ impl<C: ClientIo> Session<C> {
     /// one: a `-M extended` request is five of them.
     pub(super) async fn on_client_data(&mut self) -> Result<Flow, SessionError> {
         let max = self.cfg.max_message_size;
-        let tx = self.cfg.pool_mode == PoolMode::Transaction;
+        let tx = self.mode == PoolMode::Transaction;
         let mut last = 0;
         // Bytes at the front of `cbuf`: whole frames the tracker has
         // counted, owed to `out_server` before anything else goes there.

@@ -350,9 +350,11 @@ where
         binding.as_deref(),
     )
     .await?;
+    let mode = cfg.pool_settings(&database, &user).mode;
     let cancel = shared.cancels.register();
     let key = cancel.key;
     let mut s = Session {
+        mode,
         cfg,
         shared: shared.clone(),
         client,

@@ -382,3 +382,11 @@ pub fn http(port: u16, method: &str, path: &str, auth: Option<&str>) -> String {
     s.read_to_string(&mut out).unwrap();
     out
 }
+
+/// One series' value in Prometheus text (`name{labels}` exactly as
+/// rendered); 0 when absent.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
