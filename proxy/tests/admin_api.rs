@@ -72,6 +72,8 @@ fn reconnect_replaces_idle_servers_now_and_busy_ones_when_released() {
     // Without a database: every pool.
     let r = http(admin, "POST", "/reconnect", Some("tok"));
     assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    // postgres's new pool and reports's.
+    assert!(r.ends_with("reconnecting 2 pools\n"), "{r}");
     wait_gone(&pg, &other_pid);
     assert_ne!(pid(&other), other_pid);
 }

@@ -124,6 +124,7 @@ fn a_pools_entry_in_session_mode_keeps_its_clients_servers() {
     cfg.pools = vec![PoolRule {
         database: Some("legacy".into()),
         pool_mode: Some(PoolMode::Session),
+        pool_size: Some(2),
         ..PoolRule::default()
     }];
     let p = Running::start(cfg);
@@ -141,12 +142,18 @@ fn a_pools_entry_in_session_mode_keeps_its_clients_servers() {
     let pid = cell(&a, "select pg_backend_pid()").unwrap();
     assert_eq!(cell(&b, "select pg_backend_pid()").unwrap(), pid);
 
-    // Session mode in legacy: L holds the pool's one server between its
-    // transactions, with what its function call set.
+    // Session mode in legacy: L holds its server between its
+    // transactions, with what its function call set; M, logging in
+    // meanwhile, gets the other one (in transaction mode it would run on
+    // L's, idle between L's transactions, and see L's setting).
     let l = client("legacy");
     let l_pid = cell(&l, "select pg_backend_pid()").unwrap();
     cell(&l, "select set_config('app.v', 'mine', false)").unwrap();
-    // A session-mode login takes a server: M cannot log in meanwhile.
+    let m = client("legacy");
+    let m_pid = cell(&m, "select pg_backend_pid()").unwrap();
+    assert_ne!(m_pid, l_pid);
+    assert_eq!(cell(&m, setting).unwrap(), "");
+    // A session-mode login takes a server: with both held, N cannot log in.
     let err = p
         .client_with(|c| {
             c.dbname("legacy");
@@ -164,15 +171,16 @@ fn a_pools_entry_in_session_mode_keeps_its_clients_servers() {
     assert_eq!(status("legacy"), PoolMode::Session);
     assert_eq!(status("postgres"), PoolMode::Transaction);
 
-    // L leaves: M logs in on its server, reset.
+    // L leaves: N logs in on its server, reset.
     drop(l);
-    let m = wait_until("M logs in", Duration::from_secs(10), || {
+    let n = wait_until("N logs in", Duration::from_secs(10), || {
         Ok(p.client_with(|c| {
             c.dbname("legacy");
         })
         .ok())
     })
     .unwrap();
-    assert_eq!(cell(&m, "select pg_backend_pid()").unwrap(), l_pid);
-    assert_eq!(cell(&m, setting).unwrap(), "");
+    assert_eq!(cell(&n, "select pg_backend_pid()").unwrap(), l_pid);
+    assert_eq!(cell(&n, setting).unwrap(), "");
+    assert_eq!(cell(&m, "select pg_backend_pid()").unwrap(), m_pid);
 }

@@ -415,6 +415,15 @@ impl Pool {
     /// waits for one.
     fn shelve(&self, conn: Box<ServerConn>, slot: OwnedSemaphorePermit) {
         let mut idle = lock(&self.idle);
+        // A pool retired since the caller looked (a connection `maintain`
+        // made while a failover or /reconnect retired the pool) keeps
+        // nothing: `retire` sets its flag before it clears the list under
+        // this lock, so the connection is either seen here or cleared there.
+        if self.is_retired() {
+            drop(idle);
+            drop((conn, slot));
+            return;
+        }
         // Read under the lock a waiting client takes after counting itself
         // (see `checkout`): either it finds this connection, or this sees it.
         let slot_left = if self.waiting.load(Ordering::Relaxed) == 0 {

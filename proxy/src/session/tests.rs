@@ -128,3 +128,49 @@ fn a_message_read_before_the_bell_never_reaches_a_server_that_left_its_role() {
         .expect("an error");
     assert_eq!(msg::error_fields(&err.1).unwrap().code, "57P01");
 }
+
+/// A pool retired while `maintain` connects for min_idle (a failover or
+/// /reconnect meanwhile) keeps nothing: the new connection is closed, not
+/// shelved where a client already waiting on the retired pool could take it.
+#[test]
+fn a_connection_made_for_min_idle_is_not_kept_by_a_pool_retired_meanwhile() {
+    let sb = Sandbox::new("px-retire-race").unwrap();
+    let pg = PgInstance::primary(&sb, "pg1", &PgOptions::default()).unwrap();
+    let cfg = Config {
+        auth_method: AuthMethod::Trust,
+        min_idle: 1,
+        backends: vec![backend(&pg)],
+        ..Config::default()
+    };
+    let table = RoutingTable::from_static(&cfg.backends);
+    let shared = crate::Shared::new(Arc::new(cfg.clone()), None, table);
+    shared.pools.set_config(Arc::new(cfg), None, false);
+    let leader = shared.topology.load().leader.clone().unwrap();
+    let login = crate::server::Login {
+        user: "postgres".into(),
+        database: "postgres".into(),
+        options: String::new(),
+        password: None,
+        scram_keys: None,
+    };
+    let pool = shared.pools.get(&leader, &login, Route::ReadWrite);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let proxy_servers =
+        || pg.psql("select count(*) from pg_stat_activity where application_name = 'pgha-proxy'");
+    rt.block_on(async {
+        let maintain = pool.maintain();
+        tokio::pin!(maintain);
+        // Polled once: it has begun to connect and waits for the server.
+        assert!(futures::poll!(maintain.as_mut()).is_pending());
+        pool.retire();
+        maintain.await;
+    });
+    assert_eq!(pool.counts(), (0, 0), "a retired pool kept a connection");
+    pgha_local::wait_until("no proxy server left", Duration::from_secs(10), || {
+        Ok((proxy_servers()? == "0").then_some(()))
+    })
+    .unwrap();
+}
