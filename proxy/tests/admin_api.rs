@@ -77,3 +77,42 @@ fn reconnect_replaces_idle_servers_now_and_busy_ones_when_released() {
     wait_gone(&pg, &other_pid);
     assert_ne!(pid(&other), other_pid);
 }
+
+/// A client waiting for a slot in a pool that /reconnect replaces moves
+/// to the new pool and is served at once, instead of waiting out its
+/// checkout timeout in line for the old pool's busy server.
+#[test]
+fn reconnect_moves_waiting_clients_to_the_new_pool() {
+    let (_sb, pg) = primary("px-reconnect-wait");
+    let mut cfg = config(&pg, PoolMode::Session);
+    cfg.admin_token = Some("tok".into());
+    cfg.pool_size = 1;
+    cfg.checkout_timeout = Duration::from_secs(20);
+    let p = Running::start(cfg);
+    let admin = p.handle().admin_addr.port();
+    let port = p.rw();
+    // A holds the pool's one server for its session.
+    let a = p.client_with(|_| {}).unwrap();
+    let a_pid = p.first_cell(&a, "select pg_backend_pid()").unwrap();
+    // B's login waits for it.
+    let b = p.rt.spawn(async move { Running::client(port).await });
+    let waiting = || {
+        let pools = p.handle().shared.pools.snapshot();
+        pools.iter().map(|x| x.waiting()).sum::<usize>()
+    };
+    wait_until("B waits for a server", Duration::from_secs(10), || {
+        Ok((waiting() == 1).then_some(()))
+    })
+    .unwrap();
+    let r = http(admin, "POST", "/reconnect", Some("tok"));
+    assert!(r.ends_with("reconnecting 1 pools\n"), "{r}");
+    // Without the move, B would wait until A leaves or its checkout
+    // timeout ends (then its login fails).
+    let b = p.rt.block_on(b).unwrap();
+    let b_pid = p.first_cell(&b, "select pg_backend_pid()").unwrap();
+    assert_ne!(b_pid, a_pid);
+    // A keeps its server until it leaves; then it closes.
+    assert_eq!(p.first_cell(&a, "select pg_backend_pid()").unwrap(), a_pid);
+    drop(a);
+    wait_gone(&pg, &a_pid);
+}

@@ -39,6 +39,10 @@ pub enum PoolError {
     Server(#[from] ServerError),
     #[error("server {0} is no longer in the role this route needs")]
     WrongRole(String),
+    /// The pool was retired (failover, reload, /reconnect) while the
+    /// client waited for a slot: the pool that replaced it serves it.
+    #[error("the pool was replaced while the client waited")]
+    Retired,
 }
 
 /// Counts a waiting client, also when its wait is abandoned (cancel).
@@ -159,6 +163,8 @@ impl Pool {
     pub fn retire(&self) {
         self.retired.store(true, Ordering::Release);
         lock(&self.idle).clear();
+        // Clients waiting for a slot stop waiting here (see `checkout`).
+        self.slots.close();
     }
 
     /// Idle connections no client of this pool is about to take (those
@@ -290,9 +296,12 @@ impl Pool {
         let deadline = tokio::time::Instant::now() + timeout;
         let slot = tokio::time::timeout(timeout, self.slots.clone().acquire_owned()).await;
         drop(waiting);
-        let slot = slot
-            .map_err(|_| PoolError::Timeout(timeout))?
-            .map_err(|_| PoolError::Timeout(timeout))?;
+        let slot = match slot {
+            Ok(Ok(slot)) => slot,
+            // Closed: retired while this client waited.
+            Ok(Err(_)) => return Err(PoolError::Retired),
+            Err(_) => return Err(PoolError::Timeout(timeout)),
+        };
         let mut held = Some(slot);
         if let Some((conn, slot)) = self.take_idle(&mut held) {
             return Ok(self.hand_out(conn, slot));

@@ -75,7 +75,7 @@ impl From<PoolError> for ClientError {
                 "08004",
                 format!("the database server refused the connection: {}", f.message),
             ),
-            PoolError::Server(_) | PoolError::WrongRole(_) => {
+            PoolError::Server(_) | PoolError::WrongRole(_) | PoolError::Retired => {
                 ("57P03", "cannot connect to the database server".to_owned())
             }
         };
@@ -261,6 +261,10 @@ impl<C: ClientIo> Session<C> {
                     self.attached(&backend, co, table.epoch, started.elapsed());
                     return Ok(());
                 }
+                // The pool was replaced while this client waited for a
+                // slot (failover, reload, /reconnect): choose again, and
+                // wait in the new pool's line, within the same bound.
+                Err(PoolError::Retired) => continue,
                 // The leader key moved before promotion finished: wait for
                 // the table to change or the server to be promoted.
                 Err(PoolError::WrongRole(e)) if tokio::time::Instant::now() < deadline => {
