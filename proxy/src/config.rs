@@ -173,8 +173,8 @@ pub struct Config {
     /// Server connections kept open per pool once it is used (idle or in
     /// use, like PgBouncer's min_pool_size), made ahead of demand. Default 0.
     pub min_idle: usize,
-    /// `pool_size` and `min_idle` for the pools of some databases or
-    /// users (see [`PoolRule`]). Default none.
+    /// `pool_size`, `min_idle` and `pool_mode` for the pools of some
+    /// databases or users (see [`PoolRule`]). Default none.
     pub pools: Vec<PoolRule>,
     /// Client connections accepted at once; more are refused with SQLSTATE
     /// 53300. Default 10000.

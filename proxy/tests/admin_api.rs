@@ -12,17 +12,7 @@ use pgha_proxy::config::PoolMode;
 
 /// Waits until the server process `pid` has exited.
 fn wait_gone(pg: &PgInstance, pid: &str) {
-    wait_until(
-        &format!("server process {pid} to exit"),
-        Duration::from_secs(10),
-        || {
-            let n = pg.psql(&format!(
-                "select count(*) from pg_stat_activity where pid = {pid}"
-            ))?;
-            Ok((n == "0").then_some(()))
-        },
-    )
-    .unwrap();
+    common::wait_backends(pg.port(), &format!("pid = {pid}"), 0);
 }
 
 /// RECONNECT, as PgBouncer's: idle server connections of the named
@@ -37,12 +27,7 @@ fn reconnect_replaces_idle_servers_now_and_busy_ones_when_released() {
     cfg.admin_token = Some("tok".into());
     let p = Running::start(cfg);
     let admin = p.handle().admin_addr.port();
-    let client = |db: &str| {
-        p.client_with(|c| {
-            c.dbname(db);
-        })
-        .unwrap()
-    };
+    let client = |db: &str| p.client_in(db).unwrap();
     let (busy, idle, other) = (client("postgres"), client("postgres"), client("reports"));
     let pid = |c: &tokio_postgres::Client| p.first_cell(c, "select pg_backend_pid()").unwrap();
     // busy holds a server in its transaction; idle's and other's went

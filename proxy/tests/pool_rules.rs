@@ -8,19 +8,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{config, metric, primary, Running};
+use common::{config, metric, primary, proxy_backends_in, Running};
 use pgha_local::wait_until;
 use pgha_proxy::config::{PoolMode, PoolRule};
-
-/// Server connections the proxy holds in `db`, as the server sees them.
-fn proxy_backends_in(pg: &pgha_local::PgInstance, db: &str) -> usize {
-    pg.psql(&format!(
-        "select count(*) from pg_stat_activity where application_name = 'pgha-proxy' and datname = '{db}'"
-    ))
-    .unwrap()
-    .parse()
-    .unwrap()
-}
 
 #[test]
 fn pools_entries_size_their_databases_pools_and_a_reload_resizes_them() {
@@ -35,12 +25,7 @@ fn pools_entries_size_their_databases_pools_and_a_reload_resizes_them() {
         ..PoolRule::default()
     }];
     let p = Running::start(cfg.clone());
-    let client = |db: &str| {
-        p.client_with(|c| {
-            c.dbname(db);
-        })
-        .unwrap()
-    };
+    let client = |db: &str| p.client_in(db).unwrap();
     let (a, b, r1, r2) = (
         client("postgres"),
         client("postgres"),
@@ -94,10 +79,11 @@ fn pools_entries_size_their_databases_pools_and_a_reload_resizes_them() {
     begin(&r2).unwrap();
     // The replaced pool's idle server has closed, or is about to: its
     // backend leaves pg_stat_activity when it has seen the EOF.
-    wait_until("two servers in reports", Duration::from_secs(10), || {
-        Ok((proxy_backends_in(&pg, "reports") == 2).then_some(()))
-    })
-    .unwrap();
+    common::wait_backends(
+        pg.port(),
+        "application_name = 'pgha-proxy' and datname = 'reports'",
+        2,
+    );
     assert!(sizes().contains(&("reports".into(), 2)), "{:?}", sizes());
     // The replaced pools left no series behind: postgres's was not made
     // again, so no series names it.
@@ -128,12 +114,7 @@ fn a_pools_entry_in_session_mode_keeps_its_clients_servers() {
         ..PoolRule::default()
     }];
     let p = Running::start(cfg);
-    let client = |db: &str| {
-        p.client_with(|c| {
-            c.dbname(db);
-        })
-        .unwrap()
-    };
+    let client = |db: &str| p.client_in(db).unwrap();
     let cell = |c: &tokio_postgres::Client, sql: &str| p.first_cell(c, sql);
     let setting = "select current_setting('app.v', true)";
 
@@ -154,11 +135,7 @@ fn a_pools_entry_in_session_mode_keeps_its_clients_servers() {
     assert_ne!(m_pid, l_pid);
     assert_eq!(cell(&m, setting).unwrap(), "");
     // A session-mode login takes a server: with both held, N cannot log in.
-    let err = p
-        .client_with(|c| {
-            c.dbname("legacy");
-        })
-        .unwrap_err();
+    let err = p.client_in("legacy").unwrap_err();
     let text = common::db_message(&err);
     assert!(text.contains("no server connection available"), "{text}");
     assert_eq!(cell(&l, "select pg_backend_pid()").unwrap(), l_pid);
@@ -174,10 +151,7 @@ fn a_pools_entry_in_session_mode_keeps_its_clients_servers() {
     // L leaves: N logs in on its server, reset.
     drop(l);
     let n = wait_until("N logs in", Duration::from_secs(10), || {
-        Ok(p.client_with(|c| {
-            c.dbname("legacy");
-        })
-        .ok())
+        Ok(p.client_in("legacy").ok())
     })
     .unwrap();
     assert_eq!(cell(&n, "select pg_backend_pid()").unwrap(), l_pid);

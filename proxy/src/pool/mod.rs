@@ -68,8 +68,9 @@ pub struct Pool {
     pub route: Route,
     login: Login,
     cfg: Arc<Config>,
-    /// Its size and minimum: the top-level keys or a `[[pools]]` entry's.
-    limits: PoolSettings,
+    /// Its size, minimum and mode: the top-level keys or a `[[pools]]`
+    /// entry's.
+    settings: PoolSettings,
     connect: ConnectOpts,
     /// Boxed: connections move in and out on every transaction, and a
     /// box moves as one pointer instead of the whole connection.
@@ -136,14 +137,14 @@ impl Pool {
         connect: ConnectOpts,
         cap: Arc<BackendCap>,
     ) -> Pool {
-        let limits = cfg.pool_settings(&login.database, &login.user);
+        let settings = cfg.pool_settings(&login.database, &login.user);
         Pool {
             cap,
             waiting_for_backend: AtomicUsize::new(0),
             connect,
             route,
-            slots: Arc::new(Semaphore::new(limits.size)),
-            limits,
+            slots: Arc::new(Semaphore::new(settings.size)),
+            settings,
             backend,
             login,
             cfg,
@@ -199,9 +200,9 @@ impl Pool {
         &self.login
     }
 
-    /// Its size and minimum.
+    /// Its size, minimum and mode.
     pub fn settings(&self) -> PoolSettings {
-        self.limits
+        self.settings
     }
 
     /// Clients waiting for a connection now.
@@ -467,9 +468,9 @@ impl Pool {
         // idle with its own) except idle ones whose slot went to a waiter.
         let open = || {
             let unslotted = lock(&self.idle).iter().filter(|i| i.slot.is_none()).count();
-            unslotted + self.limits.size - self.slots.available_permits()
+            unslotted + self.settings.size - self.slots.available_permits()
         };
-        while !self.is_retired() && open() < self.limits.min_idle {
+        while !self.is_retired() && open() < self.settings.min_idle {
             let Ok(slot) = self.slots.clone().try_acquire_owned() else {
                 return;
             };

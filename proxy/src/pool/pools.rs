@@ -146,14 +146,7 @@ impl Pools {
 
     /// Retires every pool for which `stays(backend, route)` is false.
     pub fn retire_unless(&self, stays: impl Fn(&Backend, Route) -> bool) {
-        let mut map = lock(&self.map);
-        map.retain(|(_, _, _, b, r), p| {
-            let stays = stays(b, *r);
-            if !stays {
-                p.retire();
-            }
-            stays
-        });
+        self.retire_where(|(_, _, _, b, r)| !stays(b, *r));
     }
 
     /// Retires the pools of `database`, or every pool (PgBouncer's
@@ -162,9 +155,15 @@ impl Pools {
     /// what changed on the server since (`ALTER ROLE ... SET`, a new
     /// certificate). How many pools were retired.
     pub fn reconnect(&self, database: Option<&str>) -> usize {
+        self.retire_where(|(db, ..)| database.is_none_or(|d| d == db))
+    }
+
+    /// Retires the pools whose key `retire` picks and forgets them (the
+    /// next lookup makes new ones); how many.
+    fn retire_where(&self, retire: impl Fn(&PoolKey) -> bool) -> usize {
         let mut retired = 0;
-        lock(&self.map).retain(|(db, ..), p| {
-            let hit = database.is_none_or(|d| d == db);
+        lock(&self.map).retain(|key, p| {
+            let hit = retire(key);
             if hit {
                 p.retire();
                 retired += 1;

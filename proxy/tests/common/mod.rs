@@ -103,6 +103,13 @@ impl Running {
         })
     }
 
+    /// A tokio-postgres client on the read-write port, in database `db`.
+    pub fn client_in(&self, db: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        self.client_with(|c| {
+            c.dbname(db);
+        })
+    }
+
     /// The first column of the first row `sql` returns ("" if none).
     pub fn first_cell(
         &self,
@@ -334,10 +341,21 @@ impl Raw {
 
 /// Server connections the proxy has open on `pg`.
 pub fn proxy_backends(pg: &PgInstance) -> usize {
-    pg.psql("select count(*) from pg_stat_activity where application_name = 'pgha-proxy'")
-        .unwrap()
-        .parse()
-        .unwrap()
+    count_proxy_backends(pg, "")
+}
+
+/// Server connections the proxy has open on `pg` in database `db`.
+pub fn proxy_backends_in(pg: &PgInstance, db: &str) -> usize {
+    count_proxy_backends(pg, &format!("and datname = '{db}'"))
+}
+
+fn count_proxy_backends(pg: &PgInstance, and: &str) -> usize {
+    pg.psql(&format!(
+        "select count(*) from pg_stat_activity where application_name = 'pgha-proxy' {and}"
+    ))
+    .unwrap()
+    .parse()
+    .unwrap()
 }
 
 /// Waits until the proxy has at most `n` server connections open on
