@@ -36,7 +36,13 @@ struct PoolStatus {
     pool_mode: crate::config::PoolMode,
     idle: usize,
     active: usize,
+    /// Of the active ones, those a session-mode client keeps between
+    /// transactions during a pause (they run nothing until it ends).
+    parked: usize,
     waiting: usize,
+    /// Replaced (failover, reload, /reconnect): it is listed until its
+    /// last connection, in use by a client, closes.
+    retired: bool,
     /// Of those holding a pool slot, waiting for the backend to have room
     /// (`max_backend_connections`).
     waiting_for_backend: usize,
@@ -71,7 +77,9 @@ fn status_json(shared: &Shared) -> String {
                 pool_mode: settings.mode,
                 idle,
                 active,
+                parked: p.parked(),
                 waiting: p.waiting(),
+                retired: p.is_retired(),
                 waiting_for_backend: p.waiting_for_backend(),
             }
         })

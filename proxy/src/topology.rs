@@ -44,6 +44,11 @@ impl Topology {
         self.epoch.load(Ordering::Acquire)
     }
 
+    /// Whether new transactions wait (a switchover or an admin pause).
+    pub fn paused(&self) -> bool {
+        self.table.load().paused
+    }
+
     /// The table now.
     pub fn load(&self) -> Arc<RoutingTable> {
         self.table.load_full()

@@ -80,6 +80,10 @@ pub struct Pool {
     retired: AtomicBool,
     /// Checked-out connections.
     active: AtomicUsize,
+    /// Of those, the ones parked: held by a session-mode (or pinned)
+    /// client between transactions while the proxy is paused, which runs
+    /// nothing there until the pause ends (see [`Checkout::park`]).
+    parked: AtomicUsize,
     /// Clients waiting for a free slot.
     waiting: AtomicUsize,
     /// ParameterStatus of the last connection made, sent to new clients.
@@ -97,14 +101,40 @@ pub struct Checkout {
     pub conn: Box<ServerConn>,
     pub pool: Arc<Pool>,
     slot: OwnedSemaphorePermit,
+    parked: bool,
 }
 
 impl Checkout {
     /// Returns the connection; `clean` when its last ReadyForQuery said
     /// idle with nothing outstanding. Anything else is closed.
-    pub fn checkin(self, clean: bool) {
-        let Checkout { conn, pool, slot } = self;
+    pub fn checkin(mut self, clean: bool) {
+        self.unpark();
+        let Checkout {
+            conn, pool, slot, ..
+        } = self;
         pool.take_back(conn, slot, clean);
+    }
+
+    /// Marks a connection its client keeps between transactions as
+    /// running nothing until the proxy's pause ends: a switchover's drain
+    /// does not wait for it (see [`Pool::in_flight`]).
+    pub fn park(&mut self) {
+        if !self.parked {
+            self.parked = true;
+            self.pool.parked.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// The client runs transactions on it again.
+    pub fn unpark(&mut self) {
+        if self.parked {
+            self.parked = false;
+            self.pool.parked.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    pub fn is_parked(&self) -> bool {
+        self.parked
     }
 
     /// Closes a connection that cannot be reused.
@@ -151,6 +181,7 @@ impl Pool {
             idle: Mutex::new(Vec::new()),
             retired: AtomicBool::new(false),
             active: AtomicUsize::new(0),
+            parked: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
             params: Mutex::new(None),
         }
@@ -192,6 +223,26 @@ impl Pool {
     /// (idle, checked out) connection counts.
     pub fn counts(&self) -> (usize, usize) {
         (lock(&self.idle).len(), self.active.load(Ordering::Relaxed))
+    }
+
+    /// Checked-out connections that may run a transaction now: all but
+    /// the parked ones (see [`Checkout::park`]).
+    pub fn in_flight(&self) -> usize {
+        // Checked out first: a connection checked in between the two
+        // reads (unparked, then no longer active) is counted, not missed.
+        let active = self.active.load(Ordering::SeqCst);
+        active.saturating_sub(self.parked.load(Ordering::SeqCst))
+    }
+
+    /// Checked-out connections parked (see [`Checkout::park`]).
+    pub fn parked(&self) -> usize {
+        self.parked.load(Ordering::Relaxed)
+    }
+
+    /// Whether any connection still holds one of its slots (checked out,
+    /// being made, or idle): a retired pool is forgotten once none does.
+    pub fn in_use(&self) -> bool {
+        self.slots.available_permits() < self.settings.size
     }
 
     /// Whose connections these are (the password included: not for
@@ -271,6 +322,7 @@ impl Pool {
             conn,
             pool: self.clone(),
             slot,
+            parked: false,
         }
     }
 

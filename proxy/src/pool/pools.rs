@@ -4,7 +4,6 @@
 //! `max_backend_connections` count. May call: the pools, `cap`.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use super::Pool;
@@ -30,6 +29,10 @@ pub struct Pools {
     /// connections of existing pools too.
     sockets: Arc<SocketSetup>,
     map: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+    /// Retired pools whose connections are not all closed yet: their
+    /// transactions still count (a switchover's drain waits for them) and
+    /// still show in /status and /metrics.
+    retired: Mutex<Vec<Arc<Pool>>>,
     /// The pool handed out last: most connects ask for the same one, and
     /// this spares them building and hashing a key.
     last: Mutex<Option<Arc<Pool>>>,
@@ -46,6 +49,7 @@ impl Pools {
             server_tls: arc_swap::ArcSwapOption::empty(),
             sockets,
             map: Mutex::new(HashMap::new()),
+            retired: Mutex::new(Vec::new()),
             last: Mutex::new(None),
             caps: Mutex::new(HashMap::new()),
         }
@@ -161,36 +165,46 @@ impl Pools {
     /// Retires the pools whose key `retire` picks and forgets them (the
     /// next lookup makes new ones); how many.
     fn retire_where(&self, retire: impl Fn(&PoolKey) -> bool) -> usize {
-        let mut retired = 0;
+        let mut gone = Vec::new();
         lock(&self.map).retain(|key, p| {
             let hit = retire(key);
             if hit {
                 p.retire();
-                retired += 1;
+                gone.push(p.clone());
             }
             !hit
         });
-        retired
+        let n = gone.len();
+        lock(&self.retired).extend(gone.into_iter().filter(|p| p.in_use()));
+        n
     }
 
-    /// Checked-out read-write connections: transactions in flight on the leader.
+    /// Read-write connections that may run a transaction now, in live and
+    /// retired pools: transactions in flight on the leader.
     pub fn rw_in_flight(&self) -> usize {
-        lock(&self.map)
-            .values()
+        self.snapshot()
+            .iter()
             .filter(|p| p.route == Route::ReadWrite)
-            .map(|p| p.active.load(Ordering::Relaxed))
+            .map(|p| p.in_flight())
             .sum()
     }
 
-    /// Runs [`Pool::maintain`] on every pool.
+    /// Runs [`Pool::maintain`] on every live pool.
     pub async fn maintain(&self) {
-        for p in self.snapshot() {
+        let live: Vec<_> = lock(&self.map).values().cloned().collect();
+        for p in live {
             p.maintain().await;
         }
     }
 
-    /// A snapshot of every pool for `/status`.
+    /// Every pool that holds connections or may be given some: the live
+    /// ones, then retired ones whose connections are not all closed yet
+    /// (those that are go now).
     pub fn snapshot(&self) -> Vec<Arc<Pool>> {
-        lock(&self.map).values().cloned().collect()
+        let mut all: Vec<_> = lock(&self.map).values().cloned().collect();
+        let mut retired = lock(&self.retired);
+        retired.retain(|p| p.in_use());
+        all.extend(retired.iter().cloned());
+        all
     }
 }

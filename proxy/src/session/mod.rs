@@ -446,7 +446,69 @@ impl<C: ClientIo> Session<C> {
                 message: "terminating connection due to administrator command: the leader changed, the transaction was aborted".into(),
             });
         }
+        if table.paused {
+            self.park_if_free();
+        }
         Flow::Continue
+    }
+
+    /// During a pause, a server this client keeps between transactions
+    /// (session mode, or pinned) is parked: it runs nothing new until the
+    /// pause ends, so a switchover's drain need not wait for the client
+    /// to leave (see `hold_while_paused`).
+    fn park_if_free(&mut self) {
+        if self.tx_mode() {
+            return;
+        }
+        if let Some(co) = self.server.as_mut().filter(|co| co.conn.tracker.is_free()) {
+            co.park();
+        }
+    }
+
+    fn is_parked(&self) -> bool {
+        self.server.as_ref().is_some_and(|co| co.is_parked())
+    }
+
+    /// Before a request goes to a server kept across transactions: the
+    /// routing change is applied (a server off its role is closed) and,
+    /// while the proxy is paused, the request waits for the end of the
+    /// pause (bounded by `leader_wait_timeout`, cancellable), as a
+    /// transaction-mode client's would for a server.
+    async fn hold_while_paused(&mut self) -> Result<Flow, ClientError> {
+        loop {
+            // Parks the server if the table is paused.
+            if let Flow::Quit = self.on_topology() {
+                return Ok(Flow::Quit);
+            }
+            let Some(co) = self.server.as_mut().filter(|co| co.is_parked()) else {
+                return Ok(Flow::Continue);
+            };
+            let (backend, key) = (co.pool.backend.clone(), co.conn.key);
+            // A cancel now reaches this wait, not the idle server.
+            self.cancel.slot.detach();
+            let bound = self.cfg.leader_wait_timeout;
+            let resumed = tokio::select! {
+                r = self.shared.topology.wait_for(bound, |t| !t.paused) => r.is_ok(),
+                _ = self.cancel.slot.waiting.notified() => {
+                    self.cancel.slot.attach(&backend, key);
+                    return Err(ClientError {
+                        code: "57014",
+                        message: "canceling statement due to user request".into(),
+                    });
+                }
+            };
+            self.cancel.slot.attach(&backend, key);
+            if !resumed {
+                self.shared.metrics.error(ErrorKind::NoServer);
+                return Err(ClientError {
+                    code: "57P03",
+                    message: "the proxy is paused and did not resume in time".into(),
+                });
+            }
+            if let Some(co) = self.server.as_mut() {
+                co.unpark();
+            }
+        }
     }
 
     /// The client left: keep its server only if it is clean, and cancel

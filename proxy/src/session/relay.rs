@@ -38,11 +38,22 @@ impl<C: ClientIo> Session<C> {
                 return Ok(Flow::Quit);
             }
             // The table changed since this server was chosen (the bell may
-            // not have rung yet): nothing more goes to a server off its role.
-            if self.server.is_some() && self.shared.topology.epoch() != self.seen_epoch {
+            // not have rung yet): nothing more goes to a server off its
+            // role, and no new transaction to a kept one during a pause.
+            if self.server.is_some()
+                && !self.skipping
+                && (self.shared.topology.epoch() != self.seen_epoch || self.is_parked())
+            {
                 put_held(&mut self.out_server, &mut self.cbuf, &mut held);
-                if let Flow::Quit = self.on_topology() {
-                    return Ok(Flow::Quit);
+                // Boxed: rare, and its wait must not grow every session.
+                match Box::pin(self.hold_while_paused()).await {
+                    Ok(Flow::Quit) => return Ok(Flow::Quit),
+                    Ok(Flow::Continue) => {}
+                    Err(e) => {
+                        self.refuse(tag, &e);
+                        self.cbuf.advance(len);
+                        continue;
+                    }
                 }
             }
             if self.skipping {
@@ -221,6 +232,9 @@ impl<C: ClientIo> Session<C> {
         }
         if free && self.tx_mode() {
             self.check_in();
+        } else if free && self.shared.topology.paused() {
+            // Kept between transactions: parked until the pause ends.
+            self.park_if_free();
         }
         Ok(())
     }
