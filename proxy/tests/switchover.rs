@@ -264,3 +264,40 @@ fn a_transaction_on_a_replaced_pool_still_holds_up_a_switchover() {
     c.delete(&c.keys.switchover());
     wait_routing(&shared, "resumed", |t| !t.paused);
 }
+
+/// The admin pause holds a session client's next request too, and the
+/// client can cancel it (it is waiting in the proxy, not on its idle
+/// server); its session goes on, on the same server, after the resume.
+#[test]
+fn a_session_request_held_by_a_pause_can_be_cancelled() {
+    let (_sb, pg) = common::primary("px-pause-cancel");
+    let mut cfg = common::config(&pg, PoolMode::Session);
+    cfg.admin_token = Some("tok".into());
+    cfg.leader_wait_timeout = Duration::from_secs(60);
+    let p = Running::start(cfg);
+    let admin = p.handle().admin_addr.port();
+    let c = p.client_in("postgres").unwrap();
+    let pid = p.first_cell(&c, "select pg_backend_pid()").unwrap();
+    let r = http(admin, "POST", "/pause", Some("tok"));
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    let token = c.cancel_token();
+    let asked = std::time::Instant::now();
+    let err = p.rt.block_on(async {
+        let held = c.simple_query("select 1");
+        tokio::pin!(held);
+        // Cancel until it lands: one sent before the proxy holds the
+        // request reaches the idle server, which ignores it.
+        loop {
+            token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+            let tick = tokio::time::sleep(Duration::from_millis(200));
+            tokio::select! {
+                r = &mut held => break r.unwrap_err(),
+                _ = tick => assert!(asked.elapsed() < Duration::from_secs(20), "the cancel never landed"),
+            }
+        }
+    });
+    assert_eq!(err.code().map(|c| c.code()), Some("57014"), "{err}");
+    let r = http(admin, "POST", "/resume", Some("tok"));
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert_eq!(p.first_cell(&c, "select pg_backend_pid()").unwrap(), pid);
+}
