@@ -149,6 +149,8 @@ fn session_clients_between_transactions_do_not_hold_up_a_switchover_and_wait_for
     let asked = std::time::Instant::now();
     request_switchover(&c, 9);
     wait_routing(&shared, "paused", |t| t.paused);
+    // A bounded window: no acknowledgement while a transaction is open.
+    std::thread::sleep(Duration::from_millis(500));
     assert!(
         acked(9).is_none(),
         "acknowledged while a transaction was open"
@@ -167,12 +169,23 @@ fn session_clients_between_transactions_do_not_hold_up_a_switchover_and_wait_for
 
     // A request during the pause waits for its end, then runs on the
     // client's own server.
+    let admin = p.handle().admin_addr.port();
+    let bytes_in = || {
+        let text = http(admin, "GET", "/metrics", None);
+        common::metric(&text, "pgha_proxy_client_bytes_in_total")
+    };
+    let before = bytes_in();
     let held = std::thread::spawn(move || {
         idle.query("insert into t values (2)");
         let pid = idle.query("select pg_backend_pid()");
         (pid, idle.query("select current_setting('app.kept')"))
     });
-    // A bounded window: nothing may reach the server while paused.
+    // Once the proxy has read it, a bounded window: nothing may reach
+    // the server while paused.
+    wait_until("the request read", Duration::from_secs(10), || {
+        Ok((bytes_in() > before).then_some(()))
+    })
+    .unwrap();
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(rows(&c.pg1, 2), "0", "a transaction ran during the pause");
     assert!(!held.is_finished());
@@ -300,4 +313,35 @@ fn a_session_request_held_by_a_pause_can_be_cancelled() {
     let r = http(admin, "POST", "/resume", Some("tok"));
     assert!(r.starts_with("HTTP/1.1 200"), "{r}");
     assert_eq!(p.first_cell(&c, "select pg_backend_pid()").unwrap(), pid);
+}
+
+/// While paused, only requests wait: a Flush or the COPY messages a failed
+/// COPY leaves coming pass at once (an idle server ignores them), and a
+/// request held past `leader_wait_timeout` gets one error and its
+/// ReadyForQuery, the session intact.
+#[test]
+fn a_paused_session_client_gets_one_error_per_request_held_too_long() {
+    let (_sb, pg) = common::primary("px-pause-stray");
+    let mut cfg = common::config(&pg, PoolMode::Session);
+    cfg.admin_token = Some("tok".into());
+    cfg.leader_wait_timeout = Duration::from_secs(1);
+    let p = Running::start(cfg);
+    let admin = p.handle().admin_addr.port();
+    let mut raw = Raw::connect(p.rw());
+    let pid = raw.query("select pg_backend_pid()");
+    let r = http(admin, "POST", "/pause", Some("tok"));
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    // CopyData, CopyDone, CopyFail, Flush; then a query.
+    raw.send(b"d\0\0\0\x06ab");
+    raw.send(b"c\0\0\0\x04f\0\0\0\x05\0H\0\0\0\x04");
+    raw.send_with(|b| msg::put_query(b, "select 1"));
+    let got = raw.until_ready_full();
+    let tags: Vec<u8> = got.iter().map(|(t, _)| *t).collect();
+    assert_eq!(tags, b"EZ", "{got:?}");
+    let e = msg::error_fields(&got[0].1).unwrap();
+    assert_eq!(e.code, "57P03", "{}", e.message);
+    assert_eq!(got[1].1, b"I");
+    let r = http(admin, "POST", "/resume", Some("tok"));
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert_eq!(raw.query("select pg_backend_pid()"), pid);
 }

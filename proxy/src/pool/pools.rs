@@ -165,46 +165,52 @@ impl Pools {
     /// Retires the pools whose key `retire` picks and forgets them (the
     /// next lookup makes new ones); how many.
     fn retire_where(&self, retire: impl Fn(&PoolKey) -> bool) -> usize {
-        let mut gone = Vec::new();
-        lock(&self.map).retain(|key, p| {
+        let mut map = lock(&self.map);
+        // Moved under the map's lock (taken before the list's, as in
+        // `every`): a count never sees a pool in neither place.
+        let mut retired = lock(&self.retired);
+        let before = retired.len();
+        map.retain(|key, p| {
             let hit = retire(key);
             if hit {
                 p.retire();
-                gone.push(p.clone());
+                retired.push(p.clone());
             }
             !hit
         });
-        let n = gone.len();
-        lock(&self.retired).extend(gone.into_iter().filter(|p| p.in_use()));
+        let n = retired.len() - before;
+        retired.retain(|p| p.in_use());
         n
+    }
+
+    /// Runs `f` on every pool that holds connections or may be given
+    /// some: the live ones, then retired ones whose connections are not
+    /// all closed yet (those that are go now).
+    fn every<T>(&self, f: impl FnMut(&Arc<Pool>) -> T) -> Vec<T> {
+        let map = lock(&self.map);
+        let mut retired = lock(&self.retired);
+        retired.retain(|p| p.in_use());
+        map.values().chain(retired.iter()).map(f).collect()
     }
 
     /// Read-write connections that may run a transaction now, in live and
     /// retired pools: transactions in flight on the leader.
     pub fn rw_in_flight(&self) -> usize {
-        self.snapshot()
-            .iter()
-            .filter(|p| p.route == Route::ReadWrite)
-            .map(|p| p.in_flight())
-            .sum()
+        let n = self.every(|p| (p.route == Route::ReadWrite).then(|| p.in_flight()));
+        n.into_iter().flatten().sum()
     }
 
     /// Runs [`Pool::maintain`] on every live pool.
     pub async fn maintain(&self) {
-        let live: Vec<_> = lock(&self.map).values().cloned().collect();
-        for p in live {
-            p.maintain().await;
+        for p in self.snapshot() {
+            if !p.is_retired() {
+                p.maintain().await;
+            }
         }
     }
 
-    /// Every pool that holds connections or may be given some: the live
-    /// ones, then retired ones whose connections are not all closed yet
-    /// (those that are go now).
+    /// Every pool for `/status` and `/metrics` (see `every`).
     pub fn snapshot(&self) -> Vec<Arc<Pool>> {
-        let mut all: Vec<_> = lock(&self.map).values().cloned().collect();
-        let mut retired = lock(&self.retired);
-        retired.retain(|p| p.in_use());
-        all.extend(retired.iter().cloned());
-        all
+        self.every(Arc::clone)
     }
 }

@@ -45,8 +45,16 @@ impl<C: ClientIo> Session<C> {
                 && (self.shared.topology.epoch() != self.seen_epoch || self.is_parked())
             {
                 put_held(&mut self.out_server, &mut self.cbuf, &mut held);
-                // Boxed: rare, and its wait must not grow every session.
-                match Box::pin(self.hold_while_paused()).await {
+                // Only a request waits for the end of a pause: a Flush,
+                // or COPY messages a failed COPY left coming, start
+                // nothing, and an idle server ignores them.
+                let r = if matches!(tag, b'H' | b'd' | b'c' | b'f') {
+                    Ok(self.on_topology())
+                } else {
+                    // Boxed: rare, and its wait must not grow every session.
+                    Box::pin(self.hold_while_paused()).await
+                };
+                match r {
                     Ok(Flow::Quit) => return Ok(Flow::Quit),
                     Ok(Flow::Continue) => {}
                     Err(e) => {
