@@ -166,10 +166,27 @@ fn session_clients_between_transactions_do_not_hold_up_a_switchover_and_wait_for
         took < bound,
         "idle session clients held up the drain: {took:?}"
     );
+    let admin = p.handle().admin_addr.port();
+    let parked = || {
+        let r = http(admin, "GET", "/status", None);
+        let status: serde_json::Value =
+            serde_json::from_str(r.split_once("\r\n\r\n").unwrap().1).unwrap();
+        let pools = status["pools"].as_array().unwrap().clone();
+        pools
+            .iter()
+            .map(|p| p["parked"].as_u64().unwrap())
+            .sum::<u64>()
+    };
+    let parked_are = |n| {
+        wait_until(&format!("{n} parked"), Duration::from_secs(10), || {
+            Ok((parked() == n).then_some(()))
+        })
+        .unwrap()
+    };
+    parked_are(3);
 
     // A request during the pause waits for its end, then runs on the
     // client's own server.
-    let admin = p.handle().admin_addr.port();
     let bytes_in = || {
         let text = http(admin, "GET", "/metrics", None);
         common::metric(&text, "pgha_proxy_client_bytes_in_total")
@@ -195,6 +212,8 @@ fn session_clients_between_transactions_do_not_hold_up_a_switchover_and_wait_for
     assert_eq!(kept, ["yes"]);
     assert_eq!(rows(&c.pg1, 2), "1");
     wait_routing(&shared, "resumed", |t| !t.paused);
+    // The others, quiet, are in flight again once resumed.
+    parked_are(0);
 
     // Paused again, and this time the leader moves: the waiting request
     // is refused with the session, never run on pg1.

@@ -448,6 +448,10 @@ impl<C: ClientIo> Session<C> {
         }
         if table.paused {
             self.park_if_free();
+        } else if let Some(co) = self.server.as_mut() {
+            // Resumed: counted as in flight again (and so in /status)
+            // before the client's next request.
+            co.unpark();
         }
         Flow::Continue
     }
