@@ -102,6 +102,19 @@ pub enum ServerTlsMode {
     VerifyFull,
 }
 
+/// Whether TCP clients must use TLS, as PostgreSQL's `hostssl` lines and
+/// PgBouncer's `client_tls_sslmode = require`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientTlsMode {
+    /// TLS when the client asks and a certificate is set; plain otherwise.
+    Allow,
+    /// A TCP client that logs in without TLS is refused (28000). Unix
+    /// sockets are local and exempt, as PostgreSQL's `local` lines; cancel
+    /// requests too (libpq sends them without TLS).
+    Require,
+}
+
 /// Role of a static backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -276,6 +289,9 @@ pub struct Config {
     pub tls_cert_file: Option<PathBuf>,
     /// PEM private key for `tls_cert_file`.
     pub tls_key_file: Option<PathBuf>,
+    /// `allow` or `require` (TCP clients must use TLS; needs a
+    /// certificate). Default `allow`.
+    pub client_tls_mode: ClientTlsMode,
     /// TLS to the servers: `disable`, `prefer`, `require`, `verify-full`.
     /// Default `disable`.
     pub server_tls_mode: ServerTlsMode,
@@ -330,6 +346,7 @@ impl Default for Config {
             auth_database: "postgres".into(),
             tls_cert_file: None,
             tls_key_file: None,
+            client_tls_mode: ClientTlsMode::Allow,
             server_tls_mode: ServerTlsMode::Disable,
             server_tls_ca_file: None,
             backends: Vec::new(),
@@ -424,6 +441,12 @@ impl Config {
             return err(
                 "tls_cert_file",
                 "tls_cert_file and tls_key_file go together",
+            );
+        }
+        if self.client_tls_mode == ClientTlsMode::Require && self.tls_cert_file.is_none() {
+            return err(
+                "client_tls_mode",
+                "\"require\" needs a certificate: set tls_cert_file and tls_key_file",
             );
         }
         if self.server_tls_mode == ServerTlsMode::VerifyFull && self.server_tls_ca_file.is_none() {

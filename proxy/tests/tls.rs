@@ -8,8 +8,8 @@
 mod common;
 
 use common::{config, primary, psql, psql_conninfo, Running};
-use pgha_local::{PgInstance, PgOptions, RunAs, Sandbox};
-use pgha_proxy::config::{AuthMethod, PoolMode, ServerTlsMode};
+use pgha_local::{reserve_port, PgInstance, PgOptions, RunAs, Sandbox};
+use pgha_proxy::config::{AuthMethod, ClientTlsMode, PoolMode, ServerTlsMode};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
 
 /// Writes ca.pem, server.pem and server.key into `dir`.
@@ -64,6 +64,83 @@ fn psql_connects_with_sslmode_require_and_verify_full() {
         psql(p.rw(), "select 3", &[("PGSSLMODE", "disable")]).unwrap(),
         "3"
     );
+}
+
+/// `client_tls_mode = require`, as PostgreSQL's `hostssl` lines: a TCP
+/// client without TLS is refused (28000, saying how to connect), TLS
+/// clients are served, and so are their cancels (libpq sends them without
+/// TLS) and clients of the Unix socket (local). Without a certificate the
+/// key is refused by name.
+#[test]
+fn client_tls_mode_require_refuses_plain_tcp_clients_only() {
+    let (sb, pg) = primary("px-tls-require");
+    certificates(sb.path());
+    let mut cfg = config(&pg, PoolMode::Transaction);
+    cfg.client_tls_mode = ClientTlsMode::Require;
+    let e = cfg.validate().unwrap_err().to_string();
+    assert!(
+        e.contains("`client_tls_mode`") && e.contains("tls_cert_file"),
+        "{e}"
+    );
+    cfg.tls_cert_file = Some(sb.path().join("server.pem"));
+    cfg.tls_key_file = Some(sb.path().join("server.key"));
+    let sockets = sb.subdir("sockets").unwrap();
+    let port = reserve_port().unwrap();
+    cfg.listen_rw.set_port(port.get());
+    cfg.unix_socket_dir = Some(sockets.clone());
+    let p = Running::start(cfg);
+
+    let err = psql(p.rw(), "select 1", &[("PGSSLMODE", "disable")]).unwrap_err();
+    assert!(
+        err.contains("only over TLS") && err.contains("sslmode=require"),
+        "{err}"
+    );
+    assert_eq!(
+        psql(p.rw(), "select 1", &[("PGSSLMODE", "require")]).unwrap(),
+        "1"
+    );
+    assert_eq!(
+        psql(p.rw(), "select 2", &[("PGSSLMODE", "prefer")]).unwrap(),
+        "2"
+    );
+    let local = format!(
+        "host={} port={} user=postgres dbname=postgres",
+        sockets.to_str().unwrap(),
+        p.rw()
+    );
+    assert_eq!(psql_conninfo(&local, "select 3").unwrap(), "3");
+
+    // psql's Ctrl-C: libpq sends the cancel on a new connection, plain.
+    let sleeper = std::process::Command::new("psql")
+        .args(["-XAtq", "-c", "select pg_sleep(60)"])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &p.rw().to_string(),
+            "-U",
+            "postgres",
+            "postgres",
+        ])
+        .env("PGSSLMODE", "require")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    common::wait_backends(
+        pg.port(),
+        "query = 'select pg_sleep(60)' and state = 'active'",
+        1,
+    );
+    let pid = nix::unistd::Pid::from_raw(sleeper.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let out = sleeper.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("canceling statement due to user request"),
+        "{stderr}"
+    );
+    let sleeping = "query = 'select pg_sleep(60)' and state = 'active'";
+    common::wait_backends(pg.port(), sleeping, 0);
 }
 
 #[test]

@@ -37,7 +37,7 @@ use crate::Shared;
 use forward::ClientStatements;
 
 pub use io::{ClientIo, WriteNow};
-pub use startup::{serve, serve_tcp, serve_unix};
+pub use startup::{serve, serve_tcp, serve_unix, Link};
 
 /// Largest message accepted from a server (the protocol's own limit).
 const MAX_SERVER_MESSAGE: usize = i32::MAX as usize;

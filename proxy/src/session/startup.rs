@@ -17,12 +17,23 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use super::{ClientError, ClientIo, Session};
 use crate::auth::{self, AuthError};
 use crate::bell::Doorbell;
-use crate::config::AuthMethod;
+use crate::config::{AuthMethod, ClientTlsMode};
 use crate::protocol::messages as msg;
 use crate::protocol::{split_startup, ProtocolError, StartupPacket, StartupParams};
 use crate::router::Route;
 use crate::server::Login;
 use crate::Shared;
+
+/// How a client reached the proxy.
+pub enum Link {
+    /// TCP without TLS.
+    Plain,
+    /// A Unix-domain socket: local, without TLS (as PostgreSQL's `local`).
+    Local,
+    /// TLS, with the channel binding data a SCRAM login may bind to (see
+    /// `tls`), if the certificate gives one.
+    Tls(Option<Arc<[u8]>>),
+}
 
 /// What the first bytes of a TCP connection asked for.
 enum Negotiated {
@@ -92,7 +103,7 @@ pub async fn serve_tcp(shared: Arc<Shared>, stream: tokio::net::TcpStream, route
 /// TLS (PostgreSQL offers none there either: an SSLRequest gets `N`).
 pub async fn serve_unix(shared: Arc<Shared>, stream: tokio::net::UnixStream, route: Route) {
     with_startup_deadline(shared, |shared, bell| {
-        serve(shared, stream, route, BytesMut::new(), bell, None)
+        serve(shared, stream, route, BytesMut::new(), bell, Link::Local)
     })
     .await;
 }
@@ -122,13 +133,15 @@ async fn serve_client(
     bell: Arc<Doorbell>,
 ) {
     match negotiate(&shared, stream).await {
-        Negotiated::Plain(stream, buf) => serve(shared, stream, route, buf, bell, None).await,
+        Negotiated::Plain(stream, buf) => {
+            serve(shared, stream, route, buf, bell, Link::Plain).await
+        }
         Negotiated::Tls(stream, acceptor) => {
-            let binding = acceptor.end_point.clone();
+            let link = Link::Tls(acceptor.end_point.clone());
             // Boxed, so the plain path's state does not hold a TLS stream.
             let tls = Box::pin(accept_tls(stream, acceptor)).await;
             if let Some(tls) = tls {
-                Box::pin(serve(shared, *tls, route, BytesMut::new(), bell, binding)).await;
+                Box::pin(serve(shared, *tls, route, BytesMut::new(), bell, link)).await;
             }
         }
         Negotiated::Done => {}
@@ -136,15 +149,15 @@ async fn serve_client(
 }
 
 /// Serves one client connection to the end; `buf` holds bytes already
-/// read, `bell` is rung on routing changes and drain, `binding` is the
-/// TLS channel binding data a SCRAM login may bind to (see `tls`).
+/// read, `bell` is rung on routing changes and drain, `link` says how
+/// the client came.
 pub async fn serve<C>(
     shared: Arc<Shared>,
     client: C,
     route: Route,
     buf: BytesMut,
     bell: Arc<Doorbell>,
-    binding: Option<Arc<[u8]>>,
+    link: Link,
 ) where
     C: ClientIo,
 {
@@ -155,7 +168,7 @@ pub async fn serve<C>(
     // session's loop, which runs after it (`a_client_task_stays_small`).
     // The startup deadline (see `serve_tcp`) ends here, unless it passed
     // while the greeting went out.
-    let session = handshake(shared, client, route, clients, buf, bell.clone(), binding).await;
+    let session = handshake(shared, client, route, clients, buf, bell.clone(), link).await;
     // One binding for the session: a second (an `if` inside the `if let`)
     // keeps the moved-from Option beside it in every idle client's task.
     if let Some(mut session) = session.filter(|_| bell.started()) {
@@ -313,7 +326,7 @@ pub(super) async fn handshake<C>(
     clients: usize,
     mut buf: BytesMut,
     bell: Arc<Doorbell>,
-    binding: Option<Arc<[u8]>>,
+    link: Link,
 ) -> Option<Session<C>>
 where
     C: ClientIo,
@@ -336,20 +349,24 @@ where
         fatal(&mut client, "53300", "sorry, too many clients already").await;
         return None;
     }
+    if matches!(link, Link::Plain) && cfg.client_tls_mode == ClientTlsMode::Require {
+        shared.metrics.error(crate::metrics::ErrorKind::Auth);
+        let text = "this proxy accepts TCP clients only over TLS (client_tls_mode = require): connect with sslmode=require or stricter";
+        tracing::info!(user = params.user(), "{text}");
+        fatal(&mut client, "28000", text).await;
+        return None;
+    }
+    let binding = match &link {
+        Link::Tls(b) => b.as_deref(),
+        Link::Plain | Link::Local => None,
+    };
     let user = params.user().to_owned();
     let database = params.database().to_owned();
     let options = params
         .options()
         .map_or_else(String::new, |v| v.trim().to_owned());
-    let (password, scram_keys) = client_login(
-        &shared,
-        &cfg,
-        &mut client,
-        &mut buf,
-        &user,
-        binding.as_deref(),
-    )
-    .await?;
+    let (password, scram_keys) =
+        client_login(&shared, &cfg, &mut client, &mut buf, &user, binding).await?;
     let mode = cfg.pool_settings(&database, &user).mode;
     let cancel = shared.cancels.register();
     let key = cancel.key;

@@ -11,7 +11,7 @@ use bytes::BytesMut;
 use pgha_local::{PgInstance, PgOptions, Sandbox};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
-use super::startup::handshake;
+use super::startup::{handshake, Link};
 use super::*;
 use crate::config::{AuthMethod, BackendRole, Config, StaticBackend};
 use crate::protocol::split_frame;
@@ -78,9 +78,17 @@ fn a_message_read_before_the_bell_never_reaches_a_server_that_left_its_role() {
         let registered = shared.bells.register();
         let bell = registered.bell.clone();
         let route = Route::ReadWrite;
-        let mut s = handshake(shared.clone(), end, route, 1, BytesMut::new(), bell, None)
-            .await
-            .expect("logged in");
+        let mut s = handshake(
+            shared.clone(),
+            end,
+            route,
+            1,
+            BytesMut::new(),
+            bell,
+            Link::Local,
+        )
+        .await
+        .expect("logged in");
         let mut buf = BytesMut::new();
         until_ready(&mut app, &mut buf).await;
 
