@@ -93,7 +93,13 @@ fn pgbench_every_mode(mode: PoolMode, label: &str) {
     }
     let p = Running::start(cfg);
     for m in ["simple", "extended", "prepared"] {
-        let text = pgbench(p.rw(), &["-M", m, "-c", "6", "-j", "2", "-t", "100"]);
+        // One thread per client: `-M prepared` prepares with a blocking
+        // PQprepare, which, with clients sharing a thread, stalls the
+        // thread's other clients inside their transactions, holding their
+        // servers, while it waits for one. Six clients on four servers
+        // then deadlock on the row locks of TPC-B's single branch until
+        // the checkout timeout (on any transaction pooler).
+        let text = pgbench(p.rw(), &["-M", m, "-c", "6", "-j", "6", "-t", "100"]);
         assert!(
             text.contains("number of transactions actually processed: 600/600"),
             "-M {m}: {text}"
