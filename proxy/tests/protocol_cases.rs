@@ -398,3 +398,66 @@ fn errors_the_proxy_makes_inside_pipelined_extended_groups_keep_the_protocol_in_
     assert_eq!(tags, vec![b'1', b'2', b'D', b'C', b'Z']);
     assert_eq!(first_value(&got), "4");
 }
+
+/// Settings sent as startup parameters (asyncpg's `server_settings`,
+/// pgjdbc's `currentSchema`, node-postgres's `statement_timeout`) hold in
+/// every transaction, as on a direct connection: the pool's servers are
+/// opened with them (values with spaces and backslashes intact), and a
+/// client without them never sees them. They used to be dropped silently,
+/// running such a client in the wrong schema and without its timeout. A
+/// replication connection or a malformed name is refused with a clear
+/// error; an unknown setting, with the server's reason.
+#[test]
+fn startup_parameters_hold_in_every_transaction() {
+    let (_sb, pg) = primary("px-startup-params");
+    pg.psql(
+        "create schema \"a b\"; create table \"a b\".t(x int); insert into \"a b\".t values (7)",
+    )
+    .unwrap();
+    let mut cfg = config(&pg, PoolMode::Transaction);
+    cfg.pool_size = 1;
+    let p = Running::start(cfg);
+    let settings = [
+        ("search_path", "\"a b\""),
+        ("statement_timeout", "300"),
+        ("app.note", "x y\\z"),
+    ];
+    let mut a = Raw::try_connect_with(p.rw(), &settings).unwrap();
+    let mut b = Raw::connect(p.rw());
+    let code_of = |raw: &mut Raw, sql: &str| {
+        raw.send_with(|m| msg::put_query(m, sql));
+        let got = raw.until_ready_full();
+        let e = got.iter().find(|(t, _)| *t == b'E').map(|(_, body)| body);
+        e.map(|body| msg::error_fields(body).unwrap().code)
+    };
+    for round in 0..3 {
+        assert_eq!(a.query("show search_path"), ["\"a b\""], "round {round}");
+        assert_eq!(a.query("select x from t"), ["7"]);
+        assert_eq!(a.query("show app.note"), ["x y\\z"]);
+        assert_eq!(
+            b.query("show search_path"),
+            ["\"$user\", public"],
+            "A's settings reached B in round {round}"
+        );
+        assert_eq!(code_of(&mut b, "select x from t").as_deref(), Some("42P01"));
+        assert_eq!(
+            code_of(&mut a, "select pg_sleep(2)").as_deref(),
+            Some("57014"),
+            "A's statement_timeout holds"
+        );
+        assert_eq!(code_of(&mut b, "select pg_sleep(0.5)"), None, "B has none");
+    }
+    let refused = |more: &[(&str, &str)]| Raw::try_connect_with(p.rw(), more).err().unwrap();
+    let e = refused(&[("replication", "database")]);
+    assert_eq!(e.code, "0A000");
+    assert!(e.message.contains("replication"), "{}", e.message);
+    let e = refused(&[("bad name", "1")]);
+    assert_eq!(e.code, "0A000");
+    assert!(e.message.contains("bad name"), "{}", e.message);
+    let e = refused(&[("no_such_setting", "1")]);
+    assert!(e.message.contains("no_such_setting"), "{}", e.message);
+    // A client that says it is no replication connection is an ordinary one.
+    let mut c = Raw::try_connect_with(p.rw(), &[("replication", "false")]).unwrap();
+    assert_eq!(c.query("select 1"), ["1"]);
+    assert_eq!(a.query("select x from t"), ["7"], "A carries on");
+}

@@ -128,6 +128,8 @@ pub struct StartupParams {
     /// Where the value of each tracked session setting lies (see `vars`),
     /// found in the same pass, so the session needs no second one.
     tracked: [Span; crate::vars::TRACKED.len()],
+    /// Other parameters were sent (see [`StartupParams::others`]).
+    others: bool,
 }
 
 /// Where a value lies in a startup block, compact (the block is at most
@@ -185,6 +187,21 @@ impl StartupParams {
     /// The database, defaulting to the user name as Postgres does.
     pub fn database(&self) -> &str {
         self.database.get(&self.text).unwrap_or_else(|| self.user())
+    }
+
+    /// Whether parameters besides user, database, options and the
+    /// tracked settings were sent (most clients send none).
+    pub fn has_others(&self) -> bool {
+        self.others
+    }
+
+    /// Those other parameters (`search_path`, `statement_timeout`,
+    /// `extra_float_digits`, `replication`...), in the order sent.
+    pub fn others(&self) -> impl Iterator<Item = (&str, &str)> {
+        let any = self.others;
+        self.iter().filter(move |(k, _)| {
+            any && !matches!(*k, "user" | "database" | "options") && crate::vars::index(k).is_none()
+        })
     }
 }
 
@@ -250,6 +267,7 @@ fn parse_params(body: &[u8]) -> Result<StartupParams, ProtocolError> {
     let mut pos = 0;
     let (mut user, mut database, mut options) = (None, Span::default(), Span::default());
     let mut tracked = [Span::default(); crate::vars::TRACKED.len()];
+    let mut others = false;
     loop {
         let key_end = nul_from(pos)?;
         if key_end == pos {
@@ -265,11 +283,10 @@ fn parse_params(body: &[u8]) -> Result<StartupParams, ProtocolError> {
             "user" => user = Some(value),
             "database" => database = value,
             "options" => options = value,
-            key => {
-                if let Some(slot) = crate::vars::index(key) {
-                    tracked[slot] = value;
-                }
-            }
+            key => match crate::vars::index(key) {
+                Some(slot) => tracked[slot] = value,
+                None => others = true,
+            },
         }
         pos = value_end + 1;
     }
@@ -280,6 +297,7 @@ fn parse_params(body: &[u8]) -> Result<StartupParams, ProtocolError> {
         database,
         options,
         tracked,
+        others,
     })
 }
 

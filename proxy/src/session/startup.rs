@@ -319,6 +319,54 @@ async fn client_login<C: ClientIo>(
     Some((password, scram_keys))
 }
 
+/// Folds the startup packet's other settings (`search_path`,
+/// `statement_timeout`, ...: what asyncpg's `server_settings`, pgjdbc's
+/// `currentSchema` or node-postgres's `statement_timeout` send) into
+/// `options` as `-c name=value` switches, after the client's own (a
+/// server applies such parameters after `options`, so they win there
+/// too): servers are opened with them, clients that differ use different
+/// pools, and they hold in every transaction, as on a direct connection.
+/// Refuses what a pooled server cannot serve.
+fn fold_settings(
+    params: &crate::protocol::StartupParams,
+    options: &mut String,
+) -> Result<(), String> {
+    for (name, value) in params.others() {
+        if name == "replication" {
+            if matches!(value, "false" | "off" | "no" | "0") {
+                continue;
+            }
+            return Err("replication connections cannot go through pgha-proxy: connect to the PostgreSQL server itself".into());
+        }
+        // Protocol extensions: none is supported (a server that knows
+        // none would name them back; clients carry on without them).
+        if name.starts_with("_pq_.") {
+            continue;
+        }
+        if !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.')
+        {
+            return Err(format!("invalid startup parameter name {name:?}"));
+        }
+        if !options.is_empty() {
+            options.push(' ');
+        }
+        options.push_str("-c ");
+        options.push_str(name);
+        options.push('=');
+        // The server splits `options` at white space; a backslash keeps
+        // the next character.
+        for c in value.chars() {
+            if c.is_ascii_whitespace() || c == '\x0b' || c == '\\' {
+                options.push('\\');
+            }
+            options.push(c);
+        }
+    }
+    Ok(())
+}
+
 pub(super) async fn handshake<C>(
     shared: Arc<Shared>,
     mut client: C,
@@ -362,9 +410,16 @@ where
     };
     let user = params.user().to_owned();
     let database = params.database().to_owned();
-    let options = params
+    let mut options = params
         .options()
         .map_or_else(String::new, |v| v.trim().to_owned());
+    if params.has_others() {
+        if let Err(text) = fold_settings(&params, &mut options) {
+            shared.metrics.error(crate::metrics::ErrorKind::Protocol);
+            fatal(&mut client, "0A000", &text).await;
+            return None;
+        }
+    }
     let (password, scram_keys) =
         client_login(&shared, &cfg, &mut client, &mut buf, &user, binding).await?;
     let mode = cfg.pool_settings(&database, &user).mode;

@@ -237,16 +237,38 @@ impl Raw {
         Raw::login(TcpStream::connect(("127.0.0.1", port)).unwrap())
     }
 
-    /// Logs in on `s`; returns the ParameterStatus values the proxy sent.
-    fn login(s: TcpStream) -> (Raw, Vec<(String, String)>) {
+    /// Sends a startup packet on `s`: user and database postgres, then
+    /// `more`.
+    fn start(s: TcpStream, more: &[(&str, &str)]) -> Raw {
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         let mut r = Raw {
             s,
             buf: BytesMut::new(),
         };
+        let mut all = vec![("user", "postgres"), ("database", "postgres")];
+        all.extend_from_slice(more);
         let mut out = BytesMut::new();
-        msg::put_startup(&mut out, &[("user", "postgres"), ("database", "postgres")]);
+        msg::put_startup(&mut out, &all);
         r.send(&out);
+        r
+    }
+
+    /// Connects with startup parameters `more` besides user and database;
+    /// the error the login got, if any.
+    pub fn try_connect_with(port: u16, more: &[(&str, &str)]) -> Result<Raw, msg::ErrorFields> {
+        let mut r = Raw::start(TcpStream::connect(("127.0.0.1", port)).unwrap(), more);
+        loop {
+            match r.recv() {
+                (b'E', body) => return Err(msg::error_fields(&body).unwrap()),
+                (b'Z', _) => return Ok(r),
+                _ => {}
+            }
+        }
+    }
+
+    /// Logs in on `s`; returns the ParameterStatus values the proxy sent.
+    fn login(s: TcpStream) -> (Raw, Vec<(String, String)>) {
+        let mut r = Raw::start(s, &[]);
         let mut params = Vec::new();
         for (tag, body) in r.until_ready_full() {
             assert_ne!(tag, b'E', "login failed: {:?}", msg::error_fields(&body));
