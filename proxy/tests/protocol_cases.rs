@@ -461,3 +461,45 @@ fn startup_parameters_hold_in_every_transaction() {
     assert_eq!(c.query("select 1"), ["1"]);
     assert_eq!(a.query("select x from t"), ["7"], "A carries on");
 }
+
+/// A client's `DISCARD ALL` or `DEALLOCATE ALL` in transaction mode drops
+/// every prepared statement on its server, the ones the proxy prepared
+/// there for other clients too: those are prepared again when next used
+/// (they used to fail with "prepared statement ... does not exist"). The
+/// client's own statements are gone, as on a direct connection.
+#[test]
+fn discard_all_from_one_client_does_not_break_the_others_statements() {
+    let (_sb, pg) = primary("px-discard");
+    let mut cfg = config(&pg, PoolMode::Transaction);
+    cfg.pool_size = 1;
+    let p = Running::start(cfg);
+    let port = p.rw();
+    p.rt.block_on(async move {
+        let a = Running::client(port).await;
+        let b = Running::client(port).await;
+        for reset in ["DISCARD ALL", "DEALLOCATE ALL"] {
+            let sa = a.prepare("select $1::int4 * 2").await.unwrap();
+            let sb = b.prepare("select $1::int4 * 2").await.unwrap();
+            let row = b.query_one(&sb, &[&21i32]).await.unwrap();
+            assert_eq!(row.get::<_, i32>(0), 42);
+            a.batch_execute(reset).await.unwrap();
+            // The one server dropped it; B's statement is prepared again.
+            let row = b.query_one(&sb, &[&4i32]).await.unwrap();
+            assert_eq!(row.get::<_, i32>(0), 8, "after {reset}");
+            let gone = a.query_one(&sa, &[&1i32]).await.unwrap_err();
+            assert_eq!(
+                gone.code(),
+                Some(&tokio_postgres::error::SqlState::INVALID_SQL_STATEMENT_NAME),
+                "A's own statement is gone after {reset}: {gone}"
+            );
+            let again = a.prepare("select $1::int4 * 2").await.unwrap();
+            assert_eq!(
+                a.query_one(&again, &[&5i32])
+                    .await
+                    .unwrap()
+                    .get::<_, i32>(0),
+                10
+            );
+        }
+    });
+}

@@ -147,12 +147,17 @@ impl<C: ClientIo> Session<C> {
         }
         let tx = self.tx_mode();
         let mut pin = None;
+        let mut deallocated = false;
         if let Some(co) = self.server.as_mut() {
             let m = self.shared.metrics.route(self.route);
             let conn = &mut co.conn;
             // Forwarded frames are copied in runs, not one by one.
             let (mut pos, mut run) = (0, 0);
             while let Some((tag, len)) = peek_frame(&conn.rbuf[pos..], MAX_SERVER_MESSAGE)? {
+                if tag == b'C' {
+                    let done = &conn.rbuf[pos + 5..pos + len];
+                    deallocated |= matches!(done, b"DISCARD ALL\0" | b"DEALLOCATE ALL\0");
+                }
                 if tag == b'C' && tx && pin.is_none() {
                     let done = &conn.rbuf[pos + 5..pos + len];
                     pin = pins(done).or_else(|| {
@@ -213,6 +218,15 @@ impl<C: ClientIo> Session<C> {
             }
             self.out_client.extend_from_slice(&conn.rbuf[run..pos]);
             conn.rbuf.advance(pos);
+            if deallocated {
+                // The client's `DISCARD ALL` or `DEALLOCATE ALL` dropped
+                // every statement on this server, the ones the proxy
+                // prepared for other clients too: they are prepared again
+                // on demand. The client's own are gone, as on a direct
+                // connection.
+                conn.prepared.clear();
+                self.stmts.clear();
+            }
         }
         if let Some(what) = pin {
             tracing::info!(
