@@ -328,7 +328,9 @@ impl ServerConn {
             cap_slot: None,
         });
         conn.login(login).await?;
-        let rows = conn.simple_query("select pg_is_in_recovery()").await?;
+        let rows = conn
+            .simple_query("select pg_catalog.pg_is_in_recovery()")
+            .await?;
         conn.in_recovery = match rows.first().map(String::as_str) {
             Some("f") => false,
             Some("t") => true,

@@ -406,7 +406,9 @@ fn errors_the_proxy_makes_inside_pipelined_extended_groups_keep_the_protocol_in_
 /// client without them never sees them. They used to be dropped silently,
 /// running such a client in the wrong schema and without its timeout. A
 /// replication connection or a malformed name is refused with a clear
-/// error; an unknown setting, with the server's reason.
+/// error; an unknown setting, with the server's reason. Such pools are
+/// not kept warm by `min_idle` and are forgotten once empty: any client
+/// can make one.
 #[test]
 fn startup_parameters_hold_in_every_transaction() {
     let (_sb, pg) = primary("px-startup-params");
@@ -416,13 +418,16 @@ fn startup_parameters_hold_in_every_transaction() {
     .unwrap();
     let mut cfg = config(&pg, PoolMode::Transaction);
     cfg.pool_size = 1;
+    cfg.min_idle = 1;
+    cfg.server_idle_timeout = Duration::from_secs(1);
     let p = Running::start(cfg);
     let settings = [
         ("search_path", "\"a b\""),
-        ("statement_timeout", "300"),
+        ("statement_timeout", "1s"),
         ("app.note", "x y\\z"),
     ];
     let mut a = Raw::try_connect_with(p.rw(), &settings).unwrap();
+    let mut a2 = Raw::try_connect_with(p.rw(), &settings).unwrap();
     let mut b = Raw::connect(p.rw());
     let code_of = |raw: &mut Raw, sql: &str| {
         raw.send_with(|m| msg::put_query(m, sql));
@@ -441,11 +446,15 @@ fn startup_parameters_hold_in_every_transaction() {
         );
         assert_eq!(code_of(&mut b, "select x from t").as_deref(), Some("42P01"));
         assert_eq!(
-            code_of(&mut a, "select pg_sleep(2)").as_deref(),
+            code_of(&mut a, "select pg_sleep(3)").as_deref(),
             Some("57014"),
             "A's statement_timeout holds"
         );
         assert_eq!(code_of(&mut b, "select pg_sleep(0.5)"), None, "B has none");
+        // The settings are the server session's own (what RESET would
+        // return to), not a SET made on it.
+        let sql = "select reset_val from pg_settings where name = 'search_path'";
+        assert_eq!(a2.query(sql), ["\"a b\""], "round {round}");
     }
     let refused = |more: &[(&str, &str)]| Raw::try_connect_with(p.rw(), more).err().unwrap();
     let e = refused(&[("replication", "database")]);
@@ -457,9 +466,26 @@ fn startup_parameters_hold_in_every_transaction() {
     let e = refused(&[("no_such_setting", "1")]);
     assert!(e.message.contains("no_such_setting"), "{}", e.message);
     // A client that says it is no replication connection is an ordinary one.
-    let mut c = Raw::try_connect_with(p.rw(), &[("replication", "false")]).unwrap();
+    let mut c = Raw::try_connect_with(p.rw(), &[("replication", "False")]).unwrap();
     assert_eq!(c.query("select 1"), ["1"]);
     assert_eq!(a.query("select x from t"), ["7"], "A carries on");
+    drop((a, a2, c));
+    // Once their idle servers closed, the settings' pools are forgotten;
+    // the plain pool stays, kept warm.
+    let shared = p.handle().shared.clone();
+    let gone = || {
+        let pools = shared.pools.snapshot();
+        let left = pools.iter().filter(|p| !p.login().options.is_empty());
+        Ok((left.count() == 0).then_some(()))
+    };
+    wait_until("the settings' pools gone", Duration::from_secs(20), gone).unwrap();
+    assert_eq!(b.query("select 2"), ["2"]);
+    let pools = shared.pools.snapshot();
+    let warm = pools.iter().find(|p| p.login().options.is_empty()).unwrap();
+    wait_until("min_idle's server", Duration::from_secs(20), || {
+        Ok((warm.counts().0 == 1).then_some(()))
+    })
+    .unwrap();
 }
 
 /// A client's `DISCARD ALL` or `DEALLOCATE ALL` in transaction mode drops

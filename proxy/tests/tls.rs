@@ -8,6 +8,8 @@
 mod common;
 
 use common::{config, primary, psql, psql_conninfo, Running};
+use std::io::{Read, Write};
+
 use pgha_local::{reserve_port, PgInstance, PgOptions, RunAs, Sandbox};
 use pgha_proxy::config::{AuthMethod, ClientTlsMode, PoolMode, ServerTlsMode};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
@@ -84,27 +86,48 @@ fn client_tls_mode_require_refuses_plain_tcp_clients_only() {
     );
     cfg.tls_cert_file = Some(sb.path().join("server.pem"));
     cfg.tls_key_file = Some(sb.path().join("server.key"));
+    cfg.auth_method = AuthMethod::Md5;
+    let users = sb.path().join("users.txt");
+    std::fs::write(&users, "\"postgres\" \"s3cret\"\n").unwrap();
+    cfg.users_file = Some(users);
     let sockets = sb.subdir("sockets").unwrap();
     let port = reserve_port().unwrap();
     cfg.listen_rw.set_port(port.get());
     cfg.unix_socket_dir = Some(sockets.clone());
     let p = Running::start(cfg);
 
-    let err = psql(p.rw(), "select 1", &[("PGSSLMODE", "disable")]).unwrap_err();
+    let pw = ("PGPASSWORD", "s3cret");
+    // Refused before any password is asked for.
+    let (tag, body) = common::Raw::start_on(p.rw(), &[]).recv();
+    let e = pgha_proxy::protocol::messages::error_fields(&body).unwrap();
+    assert_eq!((tag, e.code.as_str()), (b'E', "28000"), "{}", e.message);
+    // libpq with a Kerberos ticket asks for GSS encryption first.
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", p.rw())).unwrap();
+    let mut answer = [0u8; 1];
+    for code in [80_877_104i32, 80_877_103] {
+        s.write_all(&[8i32.to_be_bytes(), code.to_be_bytes()].concat())
+            .unwrap();
+        s.read_exact(&mut answer).unwrap();
+    }
+    assert_eq!(
+        &answer, b"S",
+        "an SSLRequest after a GSSENCRequest gets TLS"
+    );
+    let err = psql(p.rw(), "select 1", &[("PGSSLMODE", "disable"), pw]).unwrap_err();
     assert!(
         err.contains("only over TLS") && err.contains("sslmode=require"),
         "{err}"
     );
     assert_eq!(
-        psql(p.rw(), "select 1", &[("PGSSLMODE", "require")]).unwrap(),
+        psql(p.rw(), "select 1", &[("PGSSLMODE", "require"), pw]).unwrap(),
         "1"
     );
     assert_eq!(
-        psql(p.rw(), "select 2", &[("PGSSLMODE", "prefer")]).unwrap(),
+        psql(p.rw(), "select 2", &[("PGSSLMODE", "prefer"), pw]).unwrap(),
         "2"
     );
     let local = format!(
-        "host={} port={} user=postgres dbname=postgres",
+        "host={} port={} user=postgres dbname=postgres password=s3cret",
         sockets.to_str().unwrap(),
         p.rw()
     );
@@ -123,6 +146,7 @@ fn client_tls_mode_require_refuses_plain_tcp_clients_only() {
             "postgres",
         ])
         .env("PGSSLMODE", "require")
+        .env("PGPASSWORD", "s3cret")
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();

@@ -522,7 +522,10 @@ impl Pool {
             let unslotted = lock(&self.idle).iter().filter(|i| i.slot.is_none()).count();
             unslotted + self.settings.size - self.slots.available_permits()
         };
-        while !self.is_retired() && open() < self.settings.min_idle {
+        // Not for a pool made for a client's own startup settings: any
+        // client can make one, and they go once empty (`Pools::maintain`).
+        let warm = self.login.options.is_empty();
+        while warm && !self.is_retired() && open() < self.settings.min_idle {
             let Ok(slot) = self.slots.clone().try_acquire_owned() else {
                 return;
             };

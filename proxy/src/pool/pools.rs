@@ -150,7 +150,7 @@ impl Pools {
 
     /// Retires every pool for which `stays(backend, route)` is false.
     pub fn retire_unless(&self, stays: impl Fn(&Backend, Route) -> bool) {
-        self.retire_where(|(_, _, _, b, r)| !stays(b, *r));
+        self.retire_where(|(_, _, _, b, r), _| !stays(b, *r));
     }
 
     /// Retires the pools of `database`, or every pool (PgBouncer's
@@ -159,19 +159,19 @@ impl Pools {
     /// what changed on the server since (`ALTER ROLE ... SET`, a new
     /// certificate). How many pools were retired.
     pub fn reconnect(&self, database: Option<&str>) -> usize {
-        self.retire_where(|(db, ..)| database.is_none_or(|d| d == db))
+        self.retire_where(|(db, ..), _| database.is_none_or(|d| d == db))
     }
 
     /// Retires the pools whose key `retire` picks and forgets them (the
     /// next lookup makes new ones); how many.
-    fn retire_where(&self, retire: impl Fn(&PoolKey) -> bool) -> usize {
+    fn retire_where(&self, retire: impl Fn(&PoolKey, &Pool) -> bool) -> usize {
         let mut map = lock(&self.map);
         // Moved under the map's lock (taken before the list's, as in
         // `every`): a count never sees a pool in neither place.
         let mut retired = lock(&self.retired);
         let before = retired.len();
         map.retain(|key, p| {
-            let hit = retire(key);
+            let hit = retire(key, p);
             if hit {
                 p.retire();
                 retired.push(p.clone());
@@ -200,13 +200,20 @@ impl Pools {
         n.into_iter().flatten().sum()
     }
 
-    /// Runs [`Pool::maintain`] on every live pool.
+    /// Runs [`Pool::maintain`] on every live pool, then forgets the
+    /// pools made for a client's own startup settings once they hold no
+    /// connection and no one waits on them: every distinct set of
+    /// settings makes a pool, and they must not pile up (a new login
+    /// makes the pool again).
     pub async fn maintain(&self) {
         for p in self.snapshot() {
             if !p.is_retired() {
                 p.maintain().await;
             }
         }
+        self.retire_where(|(_, _, options, ..), p| {
+            !options.is_empty() && !p.in_use() && p.waiting() == 0
+        });
     }
 
     /// Every pool for `/status` and `/metrics` (see `every`).

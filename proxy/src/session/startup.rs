@@ -49,15 +49,26 @@ enum Negotiated {
 /// the login, by the startup deadline on the session's bell.
 async fn negotiate(shared: &Shared, mut stream: tokio::net::TcpStream) -> Negotiated {
     let mut buf = BytesMut::with_capacity(256);
-    while buf.len() < 8 {
-        if !matches!(stream.read_buf(&mut buf).await, Ok(n) if n > 0) {
+    let request = |buf: &BytesMut, code: i32| {
+        buf.len() == 8 && buf[..4] == 8i32.to_be_bytes() && buf[4..8] == code.to_be_bytes()
+    };
+    // libpq asks for GSS encryption first when it holds a Kerberos
+    // ticket (gssencmode=prefer): `N`, then its SSLRequest comes.
+    for _ in 0..2 {
+        while buf.len() < 8 {
+            if !matches!(stream.read_buf(&mut buf).await, Ok(n) if n > 0) {
+                return Negotiated::Done;
+            }
+        }
+        if !request(&buf, crate::protocol::GSSENC_REQUEST_CODE) {
+            break;
+        }
+        buf.clear();
+        if stream.write_all(b"N").await.is_err() {
             return Negotiated::Done;
         }
     }
-    let ssl_request = buf.len() == 8
-        && buf[..4] == 8i32.to_be_bytes()
-        && buf[4..8] == crate::protocol::SSL_REQUEST_CODE.to_be_bytes();
-    if !ssl_request {
+    if !request(&buf, crate::protocol::SSL_REQUEST_CODE) {
         return Negotiated::Plain(stream, buf);
     }
     buf.clear();
@@ -331,15 +342,26 @@ fn fold_settings(
     params: &crate::protocol::StartupParams,
     options: &mut String,
 ) -> Result<(), String> {
+    // A lone trailing backslash would escape the space joined after it.
+    let trailing = options.bytes().rev().take_while(|&b| b == b'\\').count();
+    if trailing % 2 == 1 {
+        return Err("the startup options end in a lone backslash".into());
+    }
     for (name, value) in params.others() {
         if name == "replication" {
-            if matches!(value, "false" | "off" | "no" | "0") {
+            // PostgreSQL's spellings of false (any case, unique prefixes).
+            let v = value.to_ascii_lowercase();
+            let no = ["false", "no", "off", "0"]
+                .iter()
+                .any(|f| !v.is_empty() && f.starts_with(&v) && v != "o");
+            if no {
                 continue;
             }
             return Err("replication connections cannot go through pgha-proxy: connect to the PostgreSQL server itself".into());
         }
-        // Protocol extensions: none is supported (a server that knows
-        // none would name them back; clients carry on without them).
+        // Protocol extensions: none is supported; dropped (without the
+        // NegotiateProtocolVersion a server sends: clients that ask for
+        // one carry on without it either way).
         if name.starts_with("_pq_.") {
             continue;
         }
@@ -479,6 +501,53 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn startup(pairs: &[(&str, &str)]) -> crate::protocol::StartupParams {
+        let mut b = BytesMut::new();
+        msg::put_startup(&mut b, pairs);
+        match split_startup(&mut b) {
+            Ok(Some(StartupPacket::Startup(p))) => p,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn folded(pairs: &[(&str, &str)]) -> Result<String, String> {
+        let p = startup(pairs);
+        let mut options = p.options().unwrap_or_default().to_owned();
+        fold_settings(&p, &mut options).map(|()| options)
+    }
+
+    /// Other startup settings follow the client's own options as `-c`
+    /// switches, escaped for the server's split at white space; tracked
+    /// settings (any letter case) and false `replication` are not folded.
+    #[test]
+    fn startup_settings_fold_into_the_options_escaped() {
+        let got = folded(&[
+            ("user", "u"),
+            ("options", "-c a=1"),
+            ("search_path", "x y"),
+            ("app.v", "a\\b\tc"),
+            ("TIMEZONE", "UTC"),
+            ("replication", "Of"),
+        ]);
+        assert_eq!(
+            got.unwrap(),
+            "-c a=1 -c search_path=x\\ y -c app.v=a\\\\b\\\tc"
+        );
+        assert_eq!(folded(&[("user", "u"), ("b", "1")]).unwrap(), "-c b=1");
+        // A lone trailing backslash would swallow the joining space.
+        assert!(folded(&[("user", "u"), ("options", "-c a=x\\"), ("b", "1")]).is_err());
+        let even = folded(&[("user", "u"), ("options", "-c a=x\\\\"), ("b", "1")]);
+        assert_eq!(even.unwrap(), "-c a=x\\\\ -c b=1");
+        for bad in [
+            ("replication", "database"),
+            ("replication", "o"),
+            ("a=b", "1"),
+            ("x y", "1"),
+        ] {
+            assert!(folded(&[("user", "u"), bad]).is_err(), "{bad:?}");
+        }
+    }
 
     /// What every connected client holds while idle: its task's future.
     /// 10,000 idle clients must fit in 100 MB with everything else. The

@@ -237,6 +237,12 @@ impl Raw {
         Raw::login(TcpStream::connect(("127.0.0.1", port)).unwrap())
     }
 
+    /// Connects and sends a startup packet: user and database postgres,
+    /// then `more`; the replies are the caller's to read.
+    pub fn start_on(port: u16, more: &[(&str, &str)]) -> Raw {
+        Raw::start(TcpStream::connect(("127.0.0.1", port)).unwrap(), more)
+    }
+
     /// Sends a startup packet on `s`: user and database postgres, then
     /// `more`.
     fn start(s: TcpStream, more: &[(&str, &str)]) -> Raw {
@@ -256,7 +262,7 @@ impl Raw {
     /// Connects with startup parameters `more` besides user and database;
     /// the error the login got, if any.
     pub fn try_connect_with(port: u16, more: &[(&str, &str)]) -> Result<Raw, msg::ErrorFields> {
-        let mut r = Raw::start(TcpStream::connect(("127.0.0.1", port)).unwrap(), more);
+        let mut r = Raw::start_on(port, more);
         loop {
             match r.recv() {
                 (b'E', body) => return Err(msg::error_fields(&body).unwrap()),
