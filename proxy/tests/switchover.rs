@@ -13,7 +13,7 @@ use std::time::Duration;
 use common::etcd::{leader_is, server_port, wait_routing, Cluster};
 use common::{http, Raw, Running};
 use pgha_cluster::{Switchover, SwitchoverPhase};
-use pgha_local::wait_until;
+use pgha_local::{wait_until, PgInstance, Sandbox};
 use pgha_proxy::config::PoolMode;
 use pgha_proxy::protocol::messages as msg;
 
@@ -27,6 +27,24 @@ fn request_switchover(c: &Cluster, id: u64) {
         requested_at_ms: 0,
     };
     c.put(&c.keys.switchover(), pgha_cluster::encode(&sw));
+}
+
+/// A session-mode proxy on a fresh primary with an admin token, whose
+/// held requests wait at most `wait`; its admin port.
+fn session_proxy(label: &str, wait: Duration) -> (Sandbox, PgInstance, Running, u16) {
+    let (sb, pg) = common::primary(label);
+    let mut cfg = common::config(&pg, PoolMode::Session);
+    cfg.admin_token = Some("tok".into());
+    cfg.leader_wait_timeout = wait;
+    let p = Running::start(cfg);
+    let admin = p.handle().admin_addr.port();
+    (sb, pg, p, admin)
+}
+
+/// POST `path` on the admin port with the token; it must succeed.
+fn admin_post(admin: u16, path: &str) {
+    let r = http(admin, "POST", path, Some("tok"));
+    assert!(r.starts_with("HTTP/1.1 200"), "{path}: {r}");
 }
 
 #[test]
@@ -302,16 +320,10 @@ fn a_transaction_on_a_replaced_pool_still_holds_up_a_switchover() {
 /// server); its session goes on, on the same server, after the resume.
 #[test]
 fn a_session_request_held_by_a_pause_can_be_cancelled() {
-    let (_sb, pg) = common::primary("px-pause-cancel");
-    let mut cfg = common::config(&pg, PoolMode::Session);
-    cfg.admin_token = Some("tok".into());
-    cfg.leader_wait_timeout = Duration::from_secs(60);
-    let p = Running::start(cfg);
-    let admin = p.handle().admin_addr.port();
+    let (_sb, _pg, p, admin) = session_proxy("px-pause-cancel", Duration::from_secs(60));
     let c = p.client_in("postgres").unwrap();
     let pid = p.first_cell(&c, "select pg_backend_pid()").unwrap();
-    let r = http(admin, "POST", "/pause", Some("tok"));
-    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    admin_post(admin, "/pause");
     let token = c.cancel_token();
     let asked = std::time::Instant::now();
     let err = p.rt.block_on(async {
@@ -329,8 +341,7 @@ fn a_session_request_held_by_a_pause_can_be_cancelled() {
         }
     });
     assert_eq!(err.code().map(|c| c.code()), Some("57014"), "{err}");
-    let r = http(admin, "POST", "/resume", Some("tok"));
-    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    admin_post(admin, "/resume");
     assert_eq!(p.first_cell(&c, "select pg_backend_pid()").unwrap(), pid);
 }
 
@@ -340,16 +351,10 @@ fn a_session_request_held_by_a_pause_can_be_cancelled() {
 /// ReadyForQuery, the session intact.
 #[test]
 fn a_paused_session_client_gets_one_error_per_request_held_too_long() {
-    let (_sb, pg) = common::primary("px-pause-stray");
-    let mut cfg = common::config(&pg, PoolMode::Session);
-    cfg.admin_token = Some("tok".into());
-    cfg.leader_wait_timeout = Duration::from_secs(1);
-    let p = Running::start(cfg);
-    let admin = p.handle().admin_addr.port();
+    let (_sb, _pg, p, admin) = session_proxy("px-pause-stray", Duration::from_secs(1));
     let mut raw = Raw::connect(p.rw());
     let pid = raw.query("select pg_backend_pid()");
-    let r = http(admin, "POST", "/pause", Some("tok"));
-    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    admin_post(admin, "/pause");
     // CopyData, CopyDone, CopyFail, Flush; then a query.
     raw.send(b"d\0\0\0\x06ab");
     raw.send(b"c\0\0\0\x04f\0\0\0\x05\0H\0\0\0\x04");
@@ -360,7 +365,6 @@ fn a_paused_session_client_gets_one_error_per_request_held_too_long() {
     let e = msg::error_fields(&got[0].1).unwrap();
     assert_eq!(e.code, "57P03", "{}", e.message);
     assert_eq!(got[1].1, b"I");
-    let r = http(admin, "POST", "/resume", Some("tok"));
-    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    admin_post(admin, "/resume");
     assert_eq!(raw.query("select pg_backend_pid()"), pid);
 }

@@ -60,6 +60,24 @@ struct ClientError {
     message: String,
 }
 
+impl ClientError {
+    /// The client cancelled a request that waited in the proxy.
+    fn canceled() -> ClientError {
+        ClientError {
+            code: "57014",
+            message: "canceling statement due to user request".into(),
+        }
+    }
+
+    /// A request waited for the end of a pause past its bound.
+    fn still_paused() -> ClientError {
+        ClientError {
+            code: "57P03",
+            message: "the proxy is paused and did not resume in time".into(),
+        }
+    }
+}
+
 impl From<PoolError> for ClientError {
     fn from(e: PoolError) -> Self {
         tracing::warn!(error = %e, "server checkout failed");
@@ -217,11 +235,12 @@ impl<C: ClientIo> Session<C> {
                 .await
                 .map_err(|t| {
                     self.shared.metrics.error(ErrorKind::NoServer);
+                    if t.paused {
+                        return ClientError::still_paused();
+                    }
                     ClientError {
                         code: "57P03",
-                        message: if t.paused {
-                            "the proxy is paused and did not resume in time".into()
-                        } else if route == Route::ReadWrite {
+                        message: if route == Route::ReadWrite {
                             format!("no leader available within {:?}", cfg.leader_wait_timeout)
                         } else {
                             "no read-only server available".into()
@@ -247,10 +266,7 @@ impl<C: ClientIo> Session<C> {
                 None => tokio::select! {
                 r = pool.checkout(cfg.checkout_timeout, route == Route::ReadWrite) => r,
                 _ = self.cancel.slot.waiting.notified() => {
-                    return Err(ClientError {
-                        code: "57014",
-                        message: "canceling statement due to user request".into(),
-                    })
+                    return Err(ClientError::canceled())
                 }
                 },
             };
@@ -495,23 +511,16 @@ impl<C: ClientIo> Session<C> {
                 r = self.shared.topology.wait_for(bound, |t| !t.paused) => r.is_ok(),
                 _ = self.cancel.slot.waiting.notified() => {
                     self.cancel.slot.attach(&backend, key);
-                    return Err(ClientError {
-                        code: "57014",
-                        message: "canceling statement due to user request".into(),
-                    });
+                    return Err(ClientError::canceled());
                 }
             };
             self.cancel.slot.attach(&backend, key);
             if !resumed {
                 self.shared.metrics.error(ErrorKind::NoServer);
-                return Err(ClientError {
-                    code: "57P03",
-                    message: "the proxy is paused and did not resume in time".into(),
-                });
+                return Err(ClientError::still_paused());
             }
-            if let Some(co) = self.server.as_mut() {
-                co.unpark();
-            }
+            // Resumed: the next turn's `on_topology` unparks the server
+            // (or parks it again, paused anew).
         }
     }
 

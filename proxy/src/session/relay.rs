@@ -157,15 +157,14 @@ impl<C: ClientIo> Session<C> {
                 if tag == b'C' {
                     let done = &conn.rbuf[pos + 5..pos + len];
                     deallocated |= matches!(done, b"DISCARD ALL\0" | b"DEALLOCATE ALL\0");
-                }
-                if tag == b'C' && tx && pin.is_none() {
-                    let done = &conn.rbuf[pos + 5..pos + len];
-                    pin = pins(done).or_else(|| {
-                        // The proxy's own settings sync is not the client's.
-                        (!conn.tracker.in_hidden_query())
-                            .then(|| self.sets.completed(done))
-                            .flatten()
-                    });
+                    if tx && pin.is_none() {
+                        pin = pins(done).or_else(|| {
+                            // The proxy's own settings sync is not the client's.
+                            (!conn.tracker.in_hidden_query())
+                                .then(|| self.sets.completed(done))
+                                .flatten()
+                        });
+                    }
                 }
                 if conn.tracker.passes(tag) || conn.tracker.settles(tag) {
                     pos += len;
