@@ -181,7 +181,9 @@ fn waiting_clients_get_a_returned_connection_at_once_and_the_pool_stays_within_i
     let port = p.rw();
     let pg_port = pg.port();
     p.rt.block_on(async {
-        // The server's view: client backends other than this observer.
+        // The server's view of the proxy's connections (by their
+        // application_name: the harness's readiness psql may still be
+        // exiting when the load starts).
         let observer = Running::client(pg_port).await;
         let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let sampler = {
@@ -192,7 +194,7 @@ fn waiting_clients_get_a_returned_connection_at_once_and_the_pool_stays_within_i
                     let n: i64 = observer
                         .query_one(
                             "select count(*) from pg_stat_activity \
-                             where backend_type = 'client backend' and pid <> pg_backend_pid()",
+                             where application_name = 'pgha-proxy'",
                             &[],
                         )
                         .await

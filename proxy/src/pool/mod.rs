@@ -297,22 +297,28 @@ impl Pool {
     ) -> Option<(Box<ServerConn>, OwnedSemaphorePermit)> {
         let now = clock::now_ms();
         loop {
-            let Idle { conn, slot: own } = lock(&self.idle).pop()?;
-            if !self.reusable(&conn, now) {
-                continue;
-            }
-            let slot = match own.or_else(|| held.take()) {
-                Some(s) => s,
-                None => match self.slots.clone().try_acquire_owned() {
-                    Ok(s) => s,
-                    Err(_) => {
-                        // Its slot went to a waiting client, who takes it.
-                        lock(&self.idle).push(Idle { conn, slot: None });
-                        return None;
-                    }
-                },
+            // Decided under the lock: a connection popped and pushed back
+            // in between would look missing to a client holding a slot
+            // for it, who would then open one more than pool_size.
+            let (conn, slot, from_held) = {
+                let mut idle = lock(&self.idle);
+                let last = idle.last_mut()?;
+                let from_held = last.slot.is_none() && held.is_some();
+                let slot = match last.slot.take().or_else(|| held.take()) {
+                    Some(s) => s,
+                    // Its slot went to a waiting client, who takes it.
+                    None => self.slots.clone().try_acquire_owned().ok()?,
+                };
+                let conn = idle.pop().map(|i| i.conn)?;
+                (conn, slot, from_held)
             };
-            return Some((conn, slot));
+            if self.reusable(&conn, now) {
+                return Some((conn, slot));
+            }
+            // Closed (dropped here); the caller's slot stays the caller's.
+            if from_held {
+                *held = Some(slot);
+            }
         }
     }
 
