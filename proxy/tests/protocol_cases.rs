@@ -529,3 +529,34 @@ fn discard_all_from_one_client_does_not_break_the_others_statements() {
         }
     });
 }
+
+#[test]
+fn a_client_asking_for_a_newer_protocol_or_options_is_answered_as_the_server_answers() {
+    let (_sb, pg) = primary("px-negotiate");
+    let p = Running::start(config(&pg, PoolMode::Transaction));
+    let options = [("_pq_.frobnicate", "on"), ("_pq_.other", "1")];
+    // The same startup to the server itself and to the proxy: the same
+    // NegotiateProtocolVersion first (3.0, both options unrecognised).
+    let first = |port: u16, minor: u16, more: &[(&str, &str)]| {
+        let mut r = Raw::start_minor(port, minor, more);
+        let first = r.recv();
+        (r, first)
+    };
+    let (_, direct) = first(pg.port(), 2, &options);
+    assert_eq!(direct.0, b'v', "the server negotiates: {direct:?}");
+    let (mut r, proxied) = first(p.rw(), 2, &options);
+    assert_eq!(proxied, direct);
+    // Then the login goes on at 3.0 and the session works.
+    while r.recv().0 != b'Z' {}
+    assert_eq!(r.query("select 41 + 1"), vec!["42"]);
+    // Only a newer minor version, or only an option, is told too; a 3.0
+    // client with no option is not.
+    for (minor, more) in [(1, &[][..]), (0, &options[..1])] {
+        let (_, direct) = first(pg.port(), minor, more);
+        let (_, proxied) = first(p.rw(), minor, more);
+        assert_eq!(proxied.0, b'v');
+        assert_eq!(proxied, direct, "3.{minor} {more:?}");
+    }
+    let (_, plain) = first(p.rw(), 0, &[]);
+    assert_eq!(plain.0, b'R', "{plain:?}");
+}

@@ -9,7 +9,9 @@
 
 use bytes::{BufMut, BytesMut};
 use pgwire::messages::response::{ErrorResponse, ReadyForQuery, TransactionStatus};
-use pgwire::messages::startup::{Authentication, BackendKeyData, SecretKey};
+use pgwire::messages::startup::{
+    Authentication, BackendKeyData, NegotiateProtocolVersion, SecretKey,
+};
 use pgwire::messages::Message;
 
 /// Splits a NUL-terminated UTF-8 string off the front of `buf`.
@@ -177,6 +179,17 @@ pub fn put_parameter_status(buf: &mut BytesMut, name: &str, value: &str) {
         put_cstr(b, name);
         put_cstr(b, value);
     });
+}
+
+/// NegotiateProtocolVersion: protocol 3.0, without the `unsupported`
+/// options, as a PostgreSQL 15 server answers a client asking for more
+/// (the whole version number, as it sends it; clients read its minor).
+pub fn put_negotiate_protocol(buf: &mut BytesMut, unsupported: &[&str]) {
+    let unsupported_options = unsupported.iter().map(|s| (*s).to_owned()).collect();
+    put_pgwire(
+        buf,
+        &NegotiateProtocolVersion::new(super::PROTOCOL_V3, unsupported_options),
+    );
 }
 
 pub fn put_backend_key(buf: &mut BytesMut, pid: i32, secret: i32) {

@@ -130,6 +130,8 @@ pub struct StartupParams {
     tracked: [Span; crate::vars::TRACKED.len()],
     /// Other parameters were sent (see [`StartupParams::others`]).
     others: bool,
+    /// The minor protocol version asked for (major is always 3).
+    minor: u16,
 }
 
 /// Where a value lies in a startup block, compact (the block is at most
@@ -195,6 +197,25 @@ impl StartupParams {
         self.others
     }
 
+    /// The minor version of protocol 3 the client asked for.
+    pub fn protocol_minor(&self) -> u16 {
+        self.minor
+    }
+
+    /// Protocol options asked for (`_pq_.name`): none is supported.
+    pub fn protocol_options(&self) -> impl Iterator<Item = &str> {
+        let any = self.others;
+        self.iter()
+            .map(|(k, _)| k)
+            .filter(move |k| any && k.starts_with("_pq_."))
+    }
+
+    /// Whether the client must be told, as a PostgreSQL 15 server tells
+    /// it, that it gets protocol 3.0 without those options.
+    pub fn needs_negotiation(&self) -> bool {
+        self.minor > 0 || self.protocol_options().next().is_some()
+    }
+
     /// Those other parameters (`search_path`, `statement_timeout`,
     /// `extra_float_digits`, `replication`...), in the order sent.
     pub fn others(&self) -> impl Iterator<Item = (&str, &str)> {
@@ -242,7 +263,7 @@ pub fn split_startup(buf: &mut BytesMut) -> Result<Option<StartupPacket>, Protoc
             if major != 3 {
                 return Err(ProtocolError::UnsupportedVersion { major, minor });
             }
-            parse_params(&buf[8..len]).map(StartupPacket::Startup)
+            parse_params(&buf[8..len], minor).map(StartupPacket::Startup)
         }
     };
     buf.advance(len);
@@ -255,7 +276,7 @@ fn nul(bytes: &[u8]) -> Option<usize> {
     bytes.iter().position(|&b| b == 0)
 }
 
-fn parse_params(body: &[u8]) -> Result<StartupParams, ProtocolError> {
+fn parse_params(body: &[u8], minor: u16) -> Result<StartupParams, ProtocolError> {
     let bad = || ProtocolError::Malformed { what: "startup" };
     // NUL never occurs inside a multi-byte sequence: checking the whole
     // block checks every key and value.
@@ -298,6 +319,7 @@ fn parse_params(body: &[u8]) -> Result<StartupParams, ProtocolError> {
         options,
         tracked,
         others,
+        minor,
     })
 }
 

@@ -359,9 +359,8 @@ fn fold_settings(
             }
             return Err("replication connections cannot go through pgha-proxy: connect to the PostgreSQL server itself".into());
         }
-        // Protocol extensions: none is supported; dropped (without the
-        // NegotiateProtocolVersion a server sends: clients that ask for
-        // one carry on without it either way).
+        // Protocol options: none is supported (the client was told so,
+        // see `handshake`).
         if name.starts_with("_pq_.") {
             continue;
         }
@@ -425,6 +424,16 @@ where
         tracing::info!(user = params.user(), "{text}");
         fatal(&mut client, "28000", text).await;
         return None;
+    }
+    // As a PostgreSQL 15 server answers a client asking for a newer
+    // minor version or for protocol options: 3.0, without them.
+    if params.needs_negotiation() {
+        let mut out = BytesMut::new();
+        let unsupported: Vec<&str> = params.protocol_options().collect();
+        msg::put_negotiate_protocol(&mut out, &unsupported);
+        if client.write_all(&out).await.is_err() {
+            return None;
+        }
     }
     let binding = match &link {
         Link::Tls(b) => b.as_deref(),

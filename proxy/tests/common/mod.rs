@@ -243,9 +243,19 @@ impl Raw {
         Raw::start(TcpStream::connect(("127.0.0.1", port)).unwrap(), more)
     }
 
+    /// As [`Raw::start_on`], asking for protocol 3.`minor`.
+    pub fn start_minor(port: u16, minor: u16, more: &[(&str, &str)]) -> Raw {
+        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        Raw::start_version(s, 3 << 16 | i32::from(minor), more)
+    }
+
     /// Sends a startup packet on `s`: user and database postgres, then
     /// `more`.
     fn start(s: TcpStream, more: &[(&str, &str)]) -> Raw {
+        Raw::start_version(s, pgha_proxy::protocol::PROTOCOL_V3, more)
+    }
+
+    fn start_version(s: TcpStream, version: i32, more: &[(&str, &str)]) -> Raw {
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         let mut r = Raw {
             s,
@@ -255,6 +265,7 @@ impl Raw {
         all.extend_from_slice(more);
         let mut out = BytesMut::new();
         msg::put_startup(&mut out, &all);
+        out[4..8].copy_from_slice(&version.to_be_bytes());
         r.send(&out);
         r
     }
