@@ -157,6 +157,70 @@ impl ServerCache {
     }
 }
 
+/// The statement an SQL `DEALLOCATE [PREPARE] name` drops, if `query` (a
+/// simple Query's body) is exactly that one command: ActiveRecord drops
+/// the statements it prepared over the protocol this way. The name as
+/// the server reads it: unquoted folded to lower case, quoted as written.
+/// `None` for anything else, `DEALLOCATE ALL` included.
+pub fn sql_deallocate(query: &[u8]) -> Option<String> {
+    let sql = query.strip_suffix(b"\0").unwrap_or(query);
+    let rest = keyword(sql, b"deallocate")?;
+    let (mut name, mut quoted, mut rest) = identifier(rest)?;
+    // `PREPARE` is optional before the name (and a name itself).
+    if !quoted && name == "prepare" {
+        if let Some(next) = identifier(rest) {
+            (name, quoted, rest) = next;
+        }
+    }
+    let ends = rest.iter().all(|&b| b == b';' || b.is_ascii_whitespace());
+    (ends && (quoted || name != "all")).then_some(name)
+}
+
+/// What follows `word` (any letter case) and white space at the start of
+/// `sql`, after white space.
+fn keyword<'a>(sql: &'a [u8], word: &[u8]) -> Option<&'a [u8]> {
+    let sql = sql.trim_ascii_start();
+    let head = sql.get(..word.len())?;
+    let rest = &sql[word.len()..];
+    let spaced = rest.first().is_some_and(u8::is_ascii_whitespace);
+    (head.eq_ignore_ascii_case(word) && spaced).then_some(rest)
+}
+
+/// The SQL identifier at the start of `sql` (after white space): its
+/// name, whether it was quoted, and the rest.
+fn identifier(sql: &[u8]) -> Option<(String, bool, &[u8])> {
+    let sql = sql.trim_ascii_start();
+    if let Some(body) = sql.strip_prefix(b"\"") {
+        let mut name = Vec::new();
+        let mut i = 0;
+        loop {
+            match (body.get(i)?, body.get(i + 1)) {
+                (b'"', Some(b'"')) => {
+                    name.push(b'"');
+                    i += 2;
+                }
+                (b'"', _) => break,
+                (&b, _) => {
+                    name.push(b);
+                    i += 1;
+                }
+            }
+        }
+        let name = String::from_utf8(name).ok().filter(|n| !n.is_empty())?;
+        return Some((name, true, &body[i + 1..]));
+    }
+    let first = *sql.first()?;
+    if !(first.is_ascii_alphabetic() || first == b'_' || first >= 0x80) {
+        return None;
+    }
+    let end = sql
+        .iter()
+        .position(|&b| !(b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80))
+        .unwrap_or(sql.len());
+    let name = std::str::from_utf8(&sql[..end]).ok()?.to_ascii_lowercase();
+    Some((name, false, &sql[end..]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,5 +269,31 @@ mod tests {
         assert_eq!(c.len(), 2);
         c.remove("a");
         assert!(!c.touch("a"));
+    }
+
+    #[test]
+    fn sql_deallocate_names_the_statement_as_the_server_reads_it() {
+        let name = |sql: &str| sql_deallocate(format!("{sql}\0").as_bytes());
+        assert_eq!(name("DEALLOCATE a1"), Some("a1".into()));
+        assert_eq!(name("  deallocate prepare S_12 ;\n"), Some("s_12".into()));
+        assert_eq!(
+            name("DEALLOCATE \"Mixed \"\"q\"\"\";"),
+            Some("Mixed \"q\"".into())
+        );
+        assert_eq!(name("deallocate prepare"), Some("prepare".into()));
+        assert_eq!(name("DEALLOCATE \"all\""), Some("all".into()));
+        for other in [
+            "DEALLOCATE ALL",
+            "deallocate prepare all",
+            "DEALLOCATE a; select 1",
+            "DEALLOCATE",
+            "DEALLOCATE \"\"",
+            "DEALLOCATE \"open",
+            "deallocatex a",
+            "select 1",
+            "DEALLOCATE 1a",
+        ] {
+            assert_eq!(name(other), None, "{other}");
+        }
     }
 }

@@ -560,3 +560,106 @@ fn a_client_asking_for_a_newer_protocol_or_options_is_answered_as_the_server_ans
     let (_, plain) = first(p.rw(), 0, &[]);
     assert_eq!(plain.0, b'R', "{plain:?}");
 }
+
+/// The replies up to ReadyForQuery, in short: command tags, SQLSTATEs, the
+/// first value of a row, and the status.
+fn replies(c: &mut Raw) -> String {
+    let mut out = Vec::new();
+    for (tag, body) in c.until_ready_full() {
+        out.push(match tag {
+            b'C' => String::from_utf8_lossy(body.strip_suffix(&[0]).unwrap()).into_owned(),
+            b'E' => format!("E{}", msg::error_fields(&body).unwrap().code),
+            b'D' => first_value(&[(tag, body)]),
+            b'Z' => format!("Z{}", body[0] as char),
+            _ => continue,
+        });
+    }
+    out.join(" ")
+}
+
+/// Prepares `sql` as `name` over the protocol.
+fn prepare(c: &mut Raw, name: &str, sql: &str) -> String {
+    c.send_with(|b| {
+        parse(b, name, sql);
+        msg::put_empty(b, b'S');
+    });
+    replies(c)
+}
+
+/// Runs the protocol-level statement `name`.
+fn run(c: &mut Raw, name: &str) -> String {
+    c.send_with(|b| {
+        msg::put_bind_simple(b, "", name);
+        msg::put_execute(b, "", 0);
+        msg::put_empty(b, b'S');
+    });
+    replies(c)
+}
+
+/// What ActiveRecord does: statements prepared over the protocol,
+/// dropped with SQL DEALLOCATE; every reply on `port`.
+fn deallocate_story(port: u16) -> Vec<String> {
+    let mut a = Raw::connect(port);
+    let mut b = Raw::connect(port);
+    let mut seen = Vec::new();
+    for (name, sql) in [("Ar_1", "select 1"), ("s2", "select 2"), ("s3", "select 3")] {
+        seen.push(prepare(&mut a, name, sql));
+    }
+    // Another client's statement of the same text.
+    seen.push(prepare(&mut b, "b", "select 1"));
+    let q = |c: &mut Raw, sql: &str| {
+        c.send_with(|m| msg::put_query(m, sql));
+        replies(c)
+    };
+    seen.push(q(&mut a, "DEALLOCATE \"Ar_1\""));
+    seen.push(run(&mut a, "Ar_1"));
+    seen.push(run(&mut b, "b"));
+    seen.push(prepare(&mut a, "Ar_1", "select 1"));
+    seen.push(run(&mut a, "Ar_1"));
+    // Inside a transaction, which stays open.
+    seen.push(q(&mut a, "begin"));
+    seen.push(q(&mut a, "deallocate prepare S2;"));
+    seen.push(q(&mut a, "select 'still in'"));
+    seen.push(run(&mut a, "s2"));
+    seen.push(q(&mut a, "rollback"));
+    // In an aborted transaction it fails, and the statement stays.
+    seen.push(q(&mut a, "begin"));
+    seen.push(q(&mut a, "select 1/0"));
+    seen.push(q(&mut a, "DEALLOCATE s3"));
+    seen.push(q(&mut a, "rollback"));
+    seen.push(run(&mut a, "s3"));
+    // A name never prepared.
+    seen.push(q(&mut a, "DEALLOCATE nosuch"));
+    seen
+}
+
+#[test]
+fn sql_deallocate_of_a_protocol_statement_works_as_on_the_server() {
+    let (_sb, pg, p) = one_server("px-dealloc");
+    let direct = deallocate_story(pg.port());
+    let want = [
+        // Prepared (ParseComplete not shown).
+        "ZI",
+        "ZI",
+        "ZI",
+        "ZI",
+        "DEALLOCATE ZI",
+        "E26000 ZI",
+        "1 SELECT 1 ZI",
+        "ZI",
+        "1 SELECT 1 ZI",
+        "BEGIN ZT",
+        "DEALLOCATE ZT",
+        "still in SELECT 1 ZT",
+        "E26000 ZE",
+        "ROLLBACK ZI",
+        "BEGIN ZT",
+        "E22012 ZE",
+        "E25P02 ZE",
+        "ROLLBACK ZI",
+        "3 SELECT 1 ZI",
+        "E26000 ZI",
+    ];
+    assert_eq!(direct, want, "the server itself");
+    assert_eq!(deallocate_story(p.rw()), direct, "through the proxy");
+}

@@ -329,6 +329,7 @@ pub fn fuzz_all(data: &[u8]) {
     let mut buf = BytesMut::from(data);
     while let Ok(Some(_)) = split_startup(&mut buf) {}
     let _ = crate::sets::leaves(data);
+    let _ = crate::prepared::sql_deallocate(data);
     let mut sets = crate::sets::SetWatch::default();
     let mut buf = BytesMut::from(data);
     while let Ok(Some(f)) = split_frame(&mut buf, 1 << 20) {

@@ -81,9 +81,18 @@ pub fn names_a_statement(tag: u8, body: &[u8]) -> bool {
             .and_then(|end| body.get(end + 1))
             .is_some_and(|&b| b != 0),
         b'D' | b'C' => body.first() == Some(&b'S') && body.get(1).is_some_and(|&b| b != 0),
+        // An SQL DEALLOCATE may name one (see `transaction_mode`).
+        b'Q' => body
+            .trim_ascii_start()
+            .get(..10)
+            .is_some_and(|w| w.eq_ignore_ascii_case(b"deallocate")),
         _ => false,
     }
 }
+
+/// The name the proxy prepares and drops in place of a client's
+/// statement named in an SQL DEALLOCATE.
+const DEALLOCATED: &str = "pgha_deallocate";
 
 /// Forwards one client frame in transaction mode, where named statements
 /// are renamed to their proxy-wide names and prepared on demand.
@@ -129,6 +138,23 @@ pub fn transaction_mode(
                     ensure_prepared(conn, stmt, out, true);
                     msg::put_target(out.server, b'D', b'S', &stmt.server_name);
                     conn.tracker.client_message(b'D');
+                    return;
+                }
+            }
+        }
+        // An SQL DEALLOCATE of the client's protocol-level statement,
+        // which the server knows under another name (and keeps for other
+        // clients): the client forgets it, and the server drops a
+        // stand-in prepared just before, so the reply is the server's own
+        // (the status of an open transaction, or its error if aborted,
+        // where the statement is kept, as there).
+        b'Q' if conn.tracker.status() != b'E' => {
+            if let Some(name) = crate::prepared::sql_deallocate(body) {
+                if stmts.remove(&name).is_some() {
+                    msg::put_query(out.server, &format!("PREPARE {DEALLOCATED} AS SELECT"));
+                    put_fakes(out.client, conn.tracker.push(Pending::HiddenQuery));
+                    msg::put_query(out.server, &format!("DEALLOCATE {DEALLOCATED}"));
+                    conn.tracker.client_message(b'Q');
                     return;
                 }
             }

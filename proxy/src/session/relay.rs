@@ -157,13 +157,10 @@ impl<C: ClientIo> Session<C> {
                 if tag == b'C' {
                     let done = &conn.rbuf[pos + 5..pos + len];
                     deallocated |= matches!(done, b"DISCARD ALL\0" | b"DEALLOCATE ALL\0");
-                    if tx && pin.is_none() {
-                        pin = pins(done).or_else(|| {
-                            // The proxy's own settings sync is not the client's.
-                            (!conn.tracker.in_hidden_query())
-                                .then(|| self.sets.completed(done))
-                                .flatten()
-                        });
+                    // The proxy's own queries (a settings sync, a
+                    // DEALLOCATE's stand-in) are not the client's.
+                    if tx && pin.is_none() && !conn.tracker.in_hidden_query() {
+                        pin = pins(done).or_else(|| self.sets.completed(done));
                     }
                 }
                 if conn.tracker.passes(tag) || conn.tracker.settles(tag) {
