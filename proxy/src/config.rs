@@ -39,11 +39,12 @@ pub enum ConfigError {
 /// Keys a reload (SIGHUP) cannot apply: the listeners, threads, pool mode,
 /// identity and where the topology comes from. A change is logged and
 /// waits for a restart.
-pub const RESTART_KEYS: [&str; 8] = [
+pub const RESTART_KEYS: [&str; 9] = [
     "id",
     "listen_rw",
     "listen_ro",
     "unix_socket_dir",
+    "handover_socket",
     "listen_admin",
     "workers",
     "pool_mode",
@@ -166,6 +167,10 @@ pub struct Config {
     /// PostgreSQL names its own: `.s.PGSQL.<port>` for the read-write and
     /// the read-only port (libpq: `host=<dir> port=6432`). Default none.
     pub unix_socket_dir: Option<PathBuf>,
+    /// Rolling restart: a proxy started while another runs with the same
+    /// path takes its listening sockets (see `handover`), and the other
+    /// drains and exits. Default none.
+    pub handover_socket: Option<PathBuf>,
     /// Admin HTTP (/metrics, /status, /health, POST /pause /resume).
     /// Default `127.0.0.1:9930`.
     pub listen_admin: SocketAddr,
@@ -311,6 +316,7 @@ impl Default for Config {
             listen_rw: SocketAddr::from(([127, 0, 0, 1], 6432)),
             listen_ro: SocketAddr::from(([127, 0, 0, 1], 6433)),
             unix_socket_dir: None,
+            handover_socket: None,
             listen_admin: SocketAddr::from(([127, 0, 0, 1], 9930)),
             admin_token: None,
             shutdown_drain_timeout: Duration::from_secs(10),
@@ -371,6 +377,7 @@ impl Config {
                 &mut c.tls_key_file,
                 &mut c.server_tls_ca_file,
                 &mut c.unix_socket_dir,
+                &mut c.handover_socket,
             ]
             .into_iter()
             .flatten()
@@ -411,6 +418,7 @@ impl Config {
         self.listen_rw = old.listen_rw;
         self.listen_ro = old.listen_ro;
         self.unix_socket_dir.clone_from(&old.unix_socket_dir);
+        self.handover_socket.clone_from(&old.handover_socket);
         self.listen_admin = old.listen_admin;
         self.workers = old.workers;
         self.pool_mode = old.pool_mode;
@@ -483,6 +491,15 @@ impl Config {
                 return err(
                     "unix_socket_dir",
                     "is too long: a socket path in it would pass the 107 bytes Unix allows",
+                );
+            }
+        }
+        if let Some(path) = &self.handover_socket {
+            // sun_path holds 107 bytes and a NUL.
+            if path.as_os_str().len() > 107 {
+                return err(
+                    "handover_socket",
+                    "is too long: a socket path may have 107 bytes at most",
                 );
             }
         }

@@ -14,6 +14,7 @@ pub mod cancel;
 pub mod cap;
 pub mod clock;
 pub mod config;
+pub mod handover;
 pub mod listener;
 pub mod metrics;
 pub mod pool;

@@ -16,7 +16,10 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use std::os::fd::OwnedFd;
+
 use crate::auth::{AuthError, Users};
+use crate::handover::{Listener, Role};
 use crate::router::{Route, RoutingTable};
 use crate::{Config, Shared};
 
@@ -36,6 +39,8 @@ pub enum StartError {
     Tls(#[from] crate::tls::TlsError),
     #[error("cannot listen on {path:?}: {reason}")]
     Unix { path: PathBuf, reason: String },
+    #[error("handover_socket: {0}")]
+    Handover(String),
 }
 
 /// A running proxy.
@@ -53,8 +58,13 @@ pub struct ProxyHandle {
     /// Client sessions only: what a drain waits for.
     pub sessions: TaskTracker,
     /// The Unix-domain sockets listened on (`unix_socket_dir`); each file
-    /// is removed when its listener stops accepting.
+    /// is removed when its listener stops accepting, unless handed over.
     pub unix_sockets: Vec<PathBuf>,
+    /// Cancelled once a successor took the listening sockets (see
+    /// `handover`): this proxy no longer accepts and should drain.
+    pub handed_over: CancellationToken,
+    /// Whether this proxy took its listening sockets from a predecessor.
+    pub took_over: bool,
 }
 
 impl ProxyHandle {
@@ -106,14 +116,36 @@ impl Proxy {
             .set_config(cfg.clone(), crate::tls::server_tls(&cfg)?, false);
         shared.tls.store(crate::tls::client_tls(&cfg)?);
         let shared = Arc::new(shared);
-        let bind = |addr: SocketAddr| async move {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| StartError::Bind { addr, source })
+        // Checked before a predecessor's sockets are taken: from then on
+        // it drains, and a start that fails leaves no one accepting.
+        let keys = cfg
+            .etcd
+            .as_ref()
+            .map(|etcd| pgha_cluster::Keys::new(&etcd.cluster))
+            .transpose()
+            .map_err(|e| StartError::Config(e.to_string()))?;
+        let mut inherited = match &cfg.handover_socket {
+            Some(path) => {
+                let path = path.clone();
+                tokio::task::spawn_blocking(move || crate::handover::take(&path))
+                    .await
+                    .map_err(|e| StartError::Handover(e.to_string()))?
+                    .map_err(StartError::Handover)?
+                    .unwrap_or_default()
+            }
+            None => Vec::new(),
         };
-        let rw = bind(cfg.listen_rw).await?;
-        let ro = bind(cfg.listen_ro).await?;
-        let admin = bind(cfg.listen_admin).await?;
+        let took_over = !inherited.is_empty();
+        if took_over {
+            tracing::info!(
+                sockets = inherited.len(),
+                "took the listening sockets of the running pgha-proxy, which now drains"
+            );
+        }
+        let handed_over = CancellationToken::new();
+        let rw = tcp_listener(&mut inherited, Listener::Rw, cfg.listen_rw).await?;
+        let ro = tcp_listener(&mut inherited, Listener::Ro, cfg.listen_ro).await?;
+        let admin = tcp_listener(&mut inherited, Listener::Admin, cfg.listen_admin).await?;
         let local = |l: &TcpListener, addr| {
             l.local_addr()
                 .map_err(|source| StartError::Bind { addr, source })
@@ -129,9 +161,50 @@ impl Proxy {
                 (rw_addr.port(), Route::ReadWrite),
                 (ro_addr.port(), Route::ReadOnly),
             ] {
-                unix.push((bind_unix(dir, port).await?, route));
+                let path = dir.join(format!(".s.PGSQL.{port}"));
+                let kept = handed_over.clone();
+                let l = match unix_inherited(&mut inherited, route, &path, kept.clone()) {
+                    Some(l) => l,
+                    None => bind_unix(&path, 0o777, false, kept).await?,
+                };
+                unix.push((l, route));
             }
         }
+        // Sockets of the predecessor this configuration no longer has.
+        for (role, _) in &inherited {
+            tracing::info!(
+                ?role,
+                "not listening on the predecessor's socket any more (the configuration changed)"
+            );
+        }
+        drop(inherited);
+        // What a successor would take: copies of the descriptors, kept
+        // while this proxy accepts.
+        let mut offer = crate::handover::Offer::default();
+        if cfg.handover_socket.is_some() {
+            use std::os::fd::AsFd;
+            let copy = |fd: std::os::fd::BorrowedFd<'_>| {
+                fd.try_clone_to_owned()
+                    .map_err(|e| StartError::Handover(e.to_string()))
+            };
+            for (which, l) in [
+                (Listener::Rw, &rw),
+                (Listener::Ro, &ro),
+                (Listener::Admin, &admin),
+            ] {
+                offer.sockets.push((Role::Tcp(which), copy(l.as_fd())?));
+            }
+            for (l, route) in &unix {
+                let role = Role::Unix(*route, l.file.path.clone());
+                offer.sockets.push((role, copy(l.listener.as_fd())?));
+            }
+        }
+        let handover = match &cfg.handover_socket {
+            // After a takeover the file is the predecessor's, which no
+            // longer serves it: replaced without a probe.
+            Some(path) => Some(bind_unix(path, 0o600, took_over, handed_over.clone()).await?),
+            None => None,
+        };
         let handle = ProxyHandle {
             rw_addr,
             ro_addr,
@@ -142,15 +215,23 @@ impl Proxy {
             tasks: TaskTracker::new(),
             sessions: TaskTracker::new(),
             unix_sockets: unix.iter().map(|(l, _)| l.file.path.clone()).collect(),
+            handed_over,
+            took_over,
         };
+        if let Some(listener) = handover {
+            handle.tasks.spawn(offer_sockets(
+                listener,
+                offer,
+                handle.handed_over.clone(),
+                handle.accepting.clone(),
+            ));
+        }
         handle.tasks.spawn(crate::admin::serve(
             admin,
             shared.clone(),
             handle.shutdown.clone(),
         ));
-        if let Some(etcd) = &cfg.etcd {
-            let keys = pgha_cluster::Keys::new(&etcd.cluster)
-                .map_err(|e| StartError::Config(e.to_string()))?;
+        if let (Some(etcd), Some(keys)) = (&cfg.etcd, keys) {
             handle.tasks.spawn(crate::watch::run(
                 shared.clone(),
                 etcd.endpoints.clone(),
@@ -263,10 +344,16 @@ struct SocketFile {
     path: PathBuf,
     /// (device, inode) of the file this listener made.
     id: (u64, u64),
+    /// Cancelled when the socket was handed to a successor, who serves
+    /// the file now.
+    kept: CancellationToken,
 }
 
 impl Drop for SocketFile {
     fn drop(&mut self) {
+        if self.kept.is_cancelled() {
+            return;
+        }
         let ours =
             std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.id);
         if ours {
@@ -313,12 +400,19 @@ async fn accept_loop<L, F>(
     }
 }
 
-/// Listens on `<dir>/.s.PGSQL.<port>`, open to every local user (as
-/// PostgreSQL's default `unix_socket_permissions`). A socket file left by
-/// a proxy that was killed is replaced; one a live process listens on,
-/// or a file that is not a socket, is left alone and refused.
-async fn bind_unix(dir: &Path, port: u16) -> Result<UnixSocket, StartError> {
-    let path = dir.join(format!(".s.PGSQL.{port}"));
+/// Listens on `path` with permissions `mode` (the client sockets
+/// `<dir>/.s.PGSQL.<port>` open to every local user, as PostgreSQL's
+/// default `unix_socket_permissions`). A socket file left by a proxy that
+/// was killed is replaced; one a live process listens on, or a file that
+/// is not a socket, is left alone and refused, unless `replace` (the
+/// predecessor's, after a takeover).
+async fn bind_unix(
+    path: &Path,
+    mode: u32,
+    replace: bool,
+    kept: CancellationToken,
+) -> Result<UnixSocket, StartError> {
+    let path = path.to_owned();
     let refuse = |reason: String| StartError::Unix {
         path: path.clone(),
         reason,
@@ -327,32 +421,133 @@ async fn bind_unix(dir: &Path, port: u16) -> Result<UnixSocket, StartError> {
         if !meta.file_type().is_socket() {
             return Err(refuse("a file that is not a socket is in the way".into()));
         }
-        // Stale only if nothing listens: a refused connection. Anything
-        // else (accepted, no permission, a full backlog) may be a live
-        // server's.
-        let probe = std::time::Duration::from_secs(1);
-        match tokio::time::timeout(probe, tokio::net::UnixStream::connect(&path)).await {
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
-            Ok(Ok(_)) => return Err(refuse("another process listens on it".into())),
-            Ok(Err(e)) => return Err(refuse(format!("it may be in use ({e})"))),
-            Err(_) => {
-                return Err(refuse(
-                    "another process listens on it (it did not answer)".into(),
-                ))
+        if !replace {
+            // Stale only if nothing listens: a refused connection.
+            // Anything else (accepted, no permission, a full backlog) may
+            // be a live server's.
+            let probe = std::time::Duration::from_secs(1);
+            match tokio::time::timeout(probe, tokio::net::UnixStream::connect(&path)).await {
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+                Ok(Ok(_)) => return Err(refuse("another process listens on it".into())),
+                Ok(Err(e)) => return Err(refuse(format!("it may be in use ({e})"))),
+                Err(_) => {
+                    return Err(refuse(
+                        "another process listens on it (it did not answer)".into(),
+                    ))
+                }
             }
         }
         std::fs::remove_file(&path)
             .map_err(|e| refuse(format!("cannot remove the stale socket: {e}")))?;
     }
     let listener = UnixListener::bind(&path).map_err(|e| refuse(e.to_string()))?;
-    let meta = std::fs::symlink_metadata(&path).map_err(|e| refuse(e.to_string()))?;
-    let file = SocketFile {
-        path: path.clone(),
-        id: (meta.dev(), meta.ino()),
-    };
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777))
+    let file = socket_file(&path, kept).map_err(|e| refuse(e.to_string()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
         .map_err(|e| refuse(e.to_string()))?;
     Ok(UnixSocket { listener, file })
+}
+
+fn socket_file(path: &Path, kept: CancellationToken) -> std::io::Result<SocketFile> {
+    let meta = std::fs::symlink_metadata(path)?;
+    Ok(SocketFile {
+        path: path.to_owned(),
+        id: (meta.dev(), meta.ino()),
+        kept,
+    })
+}
+
+/// The predecessor's TCP listener `which` if it listens where `addr`
+/// says (port 0: any port), else a new one bound to `addr`.
+async fn tcp_listener(
+    inherited: &mut Vec<(Role, OwnedFd)>,
+    which: Listener,
+    addr: SocketAddr,
+) -> Result<TcpListener, StartError> {
+    let failed = |source| StartError::Bind { addr, source };
+    if let Some(i) = inherited.iter().position(|(r, _)| *r == Role::Tcp(which)) {
+        let l = std::net::TcpListener::from(inherited.remove(i).1);
+        let at = l.local_addr().map_err(failed)?;
+        if at.ip() == addr.ip() && (addr.port() == 0 || addr.port() == at.port()) {
+            l.set_nonblocking(true).map_err(failed)?;
+            return TcpListener::from_std(l).map_err(failed);
+        }
+        tracing::info!(%at, %addr, "the predecessor listened elsewhere; binding as configured");
+    }
+    TcpListener::bind(addr).await.map_err(failed)
+}
+
+/// The predecessor's Unix-domain listener for `route` at `path`, if it
+/// had one there.
+fn unix_inherited(
+    inherited: &mut Vec<(Role, OwnedFd)>,
+    route: Route,
+    path: &Path,
+    kept: CancellationToken,
+) -> Option<UnixSocket> {
+    let want = Role::Unix(route, path.to_owned());
+    let i = inherited.iter().position(|(r, _)| *r == want)?;
+    let l = std::os::unix::net::UnixListener::from(inherited.remove(i).1);
+    let made = l
+        .set_nonblocking(true)
+        .and_then(|()| UnixListener::from_std(l))
+        .and_then(|listener| Ok((listener, socket_file(path, kept)?)));
+    match made {
+        Ok((listener, file)) => Some(UnixSocket { listener, file }),
+        Err(e) => {
+            tracing::warn!(path = ?path, error = %e, "cannot use the predecessor's socket; binding anew");
+            None
+        }
+    }
+}
+
+/// Serves `handover_socket`: the first successor that asks gets the
+/// listening sockets, and this proxy stops accepting (the caller then
+/// drains). Ends, closing the copies, once this proxy stops accepting.
+async fn offer_sockets(
+    listener: UnixSocket,
+    mut offer: crate::handover::Offer,
+    handed_over: CancellationToken,
+    accepting: CancellationToken,
+) {
+    loop {
+        let stream = tokio::select! {
+            _ = accepting.cancelled() => return,
+            a = listener.listener.accept() => match a {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "handover socket: accept failed");
+                    continue;
+                }
+            },
+        };
+        let exchange = move || {
+            let mut s = stream.into_std()?;
+            s.set_nonblocking(false)?;
+            let r = crate::handover::give(&mut s, &offer);
+            Ok::<_, std::io::Error>((r, offer))
+        };
+        match tokio::task::spawn_blocking(exchange).await {
+            Ok(Ok((Ok(()), _))) => {
+                // Kept for the successor: this proxy's files must stay.
+                handed_over.cancel();
+                accepting.cancel();
+                tracing::info!("handed the listening sockets to a new pgha-proxy; draining");
+                return;
+            }
+            Ok(Ok((Err(e), back))) => {
+                tracing::warn!(error = %e, "handover socket: refused a request");
+                offer = back;
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "handover socket: cannot serve; no more handovers");
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "handover socket: the exchange failed; no more handovers");
+                return;
+            }
+        }
+    }
 }
 
 /// Rings every session's doorbell when the routing table changes and when

@@ -1,6 +1,8 @@
 //! `pgha-proxy --config FILE`: runs the proxy. SIGTERM drains (clients
 //! finish their transaction, up to `shutdown_drain_timeout`), SIGINT stops
-//! at once, SIGHUP reloads the config file (see `pgha_proxy::reload`).
+//! at once, SIGHUP reloads the config file (see `pgha_proxy::reload`). With
+//! `handover_socket`, a new proxy started alike takes the listening
+//! sockets and this one drains as on SIGTERM (see `pgha_proxy::handover`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -75,6 +77,11 @@ async fn run(cfg: pgha_proxy::Config, path: &std::path::Path) -> anyhow::Result<
             }
             _ = term.recv() => {
                 tracing::info!("SIGTERM: draining for up to {drain:?}");
+                handle.drain(drain).await;
+                return Ok(());
+            }
+            _ = handle.handed_over.cancelled() => {
+                tracing::info!("a new pgha-proxy took the listeners: draining for up to {drain:?}");
                 handle.drain(drain).await;
                 return Ok(());
             }

@@ -135,6 +135,12 @@ fn bad_values_name_key_and_reason() {
         e.to_string().contains("`unix_socket_dir`: is too long"),
         "{e}"
     );
+    let long = format!("handover_socket = \"/{}\"\n{MINIMAL}", "h".repeat(107));
+    let e = Config::parse(&long).unwrap_err();
+    assert!(
+        e.to_string().contains("`handover_socket`: is too long"),
+        "{e}"
+    );
     let c = Config::parse(&format!("idle_transaction_timeout = \"30s\"\n{MINIMAL}")).unwrap();
     assert_eq!(c.idle_transaction_timeout, Duration::from_secs(30));
 }

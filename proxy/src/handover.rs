@@ -1,0 +1,237 @@
+//! Rolling restart: a new pgha-proxy takes the running one's listening
+//! sockets over `handover_socket` (file descriptors passed with
+//! SCM_RIGHTS), as HAProxy's `expose-fd listeners` and nginx's binary
+//! upgrade do. The sockets never close, so no connection attempt is
+//! refused or reset while one proxy replaces the other: those queued on
+//! them wait for the new proxy's first accept. The old proxy then stops
+//! accepting and drains as on SIGTERM. (SO_REUSEPORT, PgBouncer's way,
+//! resets the connections queued on the old socket when it closes.)
+//!
+//! The exchange: the new proxy connects and sends [`REQUEST`]; the old one
+//! answers with one message, a line per socket (`rw`, `ro`, `admin`,
+//! `unix-rw PATH`, `unix-ro PATH`) and the descriptors in that order.
+//! May call: `router`.
+
+use std::io::{IoSlice, IoSliceMut, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags, UnixAddr};
+
+use crate::router::Route;
+
+/// What the new proxy sends to ask for the sockets.
+pub const REQUEST: &[u8] = b"pgha-proxy handover 1\n";
+
+/// The most sockets one proxy listens on (three TCP, two Unix-domain).
+const MAX_SOCKETS: usize = 5;
+
+/// How long either side waits for the other.
+pub const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One listening socket and what it serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    Tcp(Listener),
+    Unix(Route, PathBuf),
+}
+
+/// The TCP listeners.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    Rw,
+    Ro,
+    Admin,
+}
+
+impl Role {
+    fn line(&self) -> String {
+        let route = |r: &Route| match r {
+            Route::ReadWrite => "rw",
+            Route::ReadOnly => "ro",
+        };
+        match self {
+            Role::Tcp(Listener::Rw) => "rw".into(),
+            Role::Tcp(Listener::Ro) => "ro".into(),
+            Role::Tcp(Listener::Admin) => "admin".into(),
+            Role::Unix(r, path) => format!("unix-{} {}", route(r), path.display()),
+        }
+    }
+
+    fn parse(line: &str) -> Option<Role> {
+        let (kind, path) = match line.split_once(' ') {
+            Some((kind, path)) => (kind, Some(path).filter(|p| !p.is_empty())),
+            None => (line, None),
+        };
+        let unix = |r| path.map(|p| Role::Unix(r, PathBuf::from(p)));
+        match (kind, line.contains(' ')) {
+            ("rw", false) => Some(Role::Tcp(Listener::Rw)),
+            ("ro", false) => Some(Role::Tcp(Listener::Ro)),
+            ("admin", false) => Some(Role::Tcp(Listener::Admin)),
+            ("unix-rw", true) => unix(Route::ReadWrite),
+            ("unix-ro", true) => unix(Route::ReadOnly),
+            _ => None,
+        }
+    }
+}
+
+/// The sockets a running proxy offers its successor: copies of its
+/// listeners' descriptors, kept only while it accepts.
+#[derive(Debug, Default)]
+pub struct Offer {
+    pub sockets: Vec<(Role, OwnedFd)>,
+}
+
+/// Sends `offer` on `stream` once the successor asked for it.
+pub fn give(stream: &mut UnixStream, offer: &Offer) -> Result<(), String> {
+    stream
+        .set_read_timeout(Some(TIMEOUT))
+        .and_then(|()| stream.set_write_timeout(Some(TIMEOUT)))
+        .map_err(|e| e.to_string())?;
+    let mut asked = [0u8; REQUEST.len()];
+    stream
+        .read_exact(&mut asked)
+        .map_err(|e| format!("reading the request: {e}"))?;
+    if asked != REQUEST {
+        return Err("not a pgha-proxy handover request".into());
+    }
+    let text: String = offer
+        .sockets
+        .iter()
+        .map(|(role, _)| role.line() + "\n")
+        .collect();
+    let fds: Vec<RawFd> = offer.sockets.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
+    let rights = [ControlMessage::ScmRights(&fds)];
+    let iov = [IoSlice::new(text.as_bytes())];
+    let sent = sendmsg::<UnixAddr>(stream.as_raw_fd(), &iov, &rights, MsgFlags::empty(), None)
+        .map_err(|e| format!("sending the sockets: {e}"))?;
+    if sent != text.len() {
+        return Err("the sockets' names did not fit one message".into());
+    }
+    Ok(())
+}
+
+/// Asks the proxy listening on `path` for its sockets. `Ok(None)` when
+/// none does (no socket file, or one nothing listens on any more).
+pub fn take(path: &Path) -> Result<Option<Vec<(Role, OwnedFd)>>, String> {
+    let mut stream = match UnixStream::connect(path) {
+        Ok(s) => s,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Ok(None)
+        }
+        Err(e) => return Err(format!("connecting to {}: {e}", path.display())),
+    };
+    stream
+        .set_read_timeout(Some(TIMEOUT))
+        .and_then(|()| stream.set_write_timeout(Some(TIMEOUT)))
+        .and_then(|()| stream.write_all(REQUEST))
+        .map_err(|e| format!("asking {} for its sockets: {e}", path.display()))?;
+    let mut text = vec![0u8; 64 * 1024];
+    let mut space = nix::cmsg_space!([RawFd; MAX_SOCKETS]);
+    let mut iov = [IoSliceMut::new(&mut text)];
+    let msg = recvmsg::<UnixAddr>(
+        stream.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(|e| format!("receiving the sockets from {}: {e}", path.display()))?;
+    let len = msg.bytes;
+    let mut fds = Vec::new();
+    let cmsgs = msg
+        .cmsgs()
+        .map_err(|e| format!("receiving the sockets: {e}"))?;
+    for c in cmsgs {
+        if let ControlMessageOwned::ScmRights(got) = c {
+            // Owned from here: closed if anything below fails.
+            fds.extend(got.into_iter().map(own));
+        }
+    }
+    let text = std::str::from_utf8(&text[..len]).map_err(|_| "a malformed answer".to_owned())?;
+    let roles: Option<Vec<Role>> = text.lines().map(Role::parse).collect();
+    match roles {
+        Some(roles) if roles.len() == fds.len() && !roles.is_empty() => {
+            Ok(Some(roles.into_iter().zip(fds).collect()))
+        }
+        _ => Err(format!(
+            "{} answered with {} sockets for {text:?}",
+            path.display(),
+            fds.len()
+        )),
+    }
+}
+
+/// Takes ownership of a descriptor the kernel just installed in this
+/// process for this message (SCM_RIGHTS): nothing else refers to it.
+#[allow(unsafe_code)]
+fn own(fd: RawFd) -> OwnedFd {
+    // SAFETY: `fd` is open and owned by nobody else (see above).
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_read_back_as_written() {
+        for role in [
+            Role::Tcp(Listener::Rw),
+            Role::Tcp(Listener::Ro),
+            Role::Tcp(Listener::Admin),
+            Role::Unix(Route::ReadWrite, "/run/pgha dir/.s.PGSQL.6432".into()),
+            Role::Unix(Route::ReadOnly, "/x/.s.PGSQL.6433".into()),
+        ] {
+            assert_eq!(Role::parse(&role.line()), Some(role));
+        }
+        for bad in ["", "rw x", "unix-rw", "unix-rw ", "tcp", "admin "] {
+            assert_eq!(Role::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_listener_passes_to_the_taker_and_accepts_there() {
+        let dir = tempfile_dir();
+        let path = dir.join("handover.sock");
+        assert!(take(&path).unwrap().is_none(), "no file: nobody to ask");
+        let server = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let offer = Offer {
+            sockets: vec![(Role::Tcp(Listener::Rw), tcp.try_clone().unwrap().into())],
+        };
+        let giver = std::thread::spawn(move || {
+            let (mut s, _) = server.accept().unwrap();
+            give(&mut s, &offer)
+        });
+        let got = take(&path).unwrap().unwrap();
+        giver.join().unwrap().unwrap();
+        drop(tcp);
+        let (role, fd) = got.into_iter().next().unwrap();
+        assert_eq!(role, Role::Tcp(Listener::Rw));
+        let taken = std::net::TcpListener::from(fd);
+        assert_eq!(taken.local_addr().unwrap(), addr);
+        let _client = std::net::TcpStream::connect(addr).unwrap();
+        taken.accept().unwrap();
+        // A socket file nothing listens on is stale, not an error.
+        assert!(take(&path).unwrap().is_none());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "pgha-handover-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+}

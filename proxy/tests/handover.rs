@@ -1,0 +1,168 @@
+//! Rolling restart (`handover_socket`): a new proxy takes the running
+//! one's listening sockets while clients connect without a pause, and the
+//! old one drains. Real PostgreSQL 15, tokio-postgres and psql.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{config, primary, psql, Running};
+use pgha_local::wait_until;
+use pgha_proxy::config::PoolMode;
+
+/// Clients that connect, run one query and leave, one after another,
+/// until stopped: what each attempt got.
+#[derive(Default)]
+struct Churn {
+    stop: AtomicBool,
+    ok: AtomicUsize,
+    /// Ended by the old proxy's drain (57P01): a client that reached it
+    /// just before it stopped, as on SIGTERM.
+    drained: AtomicUsize,
+    failed: Mutex<Vec<String>>,
+}
+
+impl Churn {
+    fn run(self: Arc<Self>, port: u16) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let url = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres");
+            while !self.stop.load(Ordering::Relaxed) {
+                let r = rt.block_on(async {
+                    // A login refused, reset or cut: what a handover must
+                    // never cause.
+                    let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                        .await
+                        .map_err(|e| (true, e))?;
+                    let conn = tokio::spawn(conn);
+                    c.simple_query("select 1").await.map_err(|e| (false, e))?;
+                    drop(c);
+                    let _ = conn.await;
+                    Ok(())
+                });
+                let shutdown = |e: &tokio_postgres::Error| {
+                    e.code() == Some(&tokio_postgres::error::SqlState::ADMIN_SHUTDOWN)
+                };
+                match r {
+                    Ok(()) => {
+                        self.ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    // Logged in on the old proxy, then ended by its drain
+                    // (FATAL 57P01) before its query, as on SIGTERM.
+                    Err((false, e)) if shutdown(&e) || e.is_closed() => {
+                        self.drained.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err((login, e)) => {
+                        let at = if login { "login" } else { "query" };
+                        self.failed.lock().unwrap().push(format!("{at}: {e:?}"));
+                    }
+                }
+            }
+        })
+    }
+
+    /// Waits until `n` more attempts succeeded.
+    fn wait_for(&self, n: usize) {
+        let from = self.ok.load(Ordering::Relaxed);
+        wait_until(
+            &format!("{n} more connections served"),
+            Duration::from_secs(30),
+            || Ok((self.ok.load(Ordering::Relaxed) >= from + n).then_some(())),
+        )
+        .unwrap();
+    }
+}
+
+#[test]
+fn a_new_proxy_takes_the_listeners_without_refusing_a_connection_and_the_old_one_drains() {
+    let (sb, pg) = primary("px-handover");
+    pg.psql("create table t(x int)").unwrap();
+    let mut cfg = config(&pg, PoolMode::Transaction);
+    let path = sb.path().join("handover.sock");
+    // Left by a proxy that was killed: stale, replaced.
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    cfg.handover_socket = Some(path.clone());
+    cfg.unix_socket_dir = Some(sb.path().to_owned());
+    let a = Running::start(cfg.clone());
+    assert!(!a.handle().took_over);
+    let port = a.rw();
+    let admin = a.handle().admin_addr;
+
+    // A transaction open on the old proxy, and clients coming all along.
+    let open = a.rt.block_on(Running::client(port));
+    a.rt.block_on(open.batch_execute("begin; insert into t values (1)"))
+        .unwrap();
+    let churn = Arc::new(Churn::default());
+    let clients = churn.clone().run(port);
+    churn.wait_for(20);
+
+    let b = Running::start(cfg.clone());
+    assert!(b.handle().took_over);
+    assert_eq!((b.rw(), b.ro()), (port, a.ro()), "the same sockets");
+    assert_eq!(b.handle().admin_addr, admin);
+    wait_until("the old proxy handed over", Duration::from_secs(10), || {
+        Ok(a.handle().handed_over.is_cancelled().then_some(()))
+    })
+    .unwrap();
+    churn.wait_for(20);
+
+    // The open transaction finishes on the old proxy, which then drains.
+    a.rt.block_on(open.batch_execute("insert into t values (2); commit"))
+        .unwrap();
+    let mut a = a;
+    let old = a.proxy.take().unwrap();
+    a.rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(20), old.drain(Duration::from_secs(15))).await
+    })
+    .expect("the drain ends once its clients left");
+
+    // The new proxy alone serves the same port, TCP and Unix-domain.
+    churn.wait_for(20);
+    churn.stop.store(true, Ordering::Relaxed);
+    clients.join().unwrap();
+    let failed = churn.failed.lock().unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} of {} connection attempts failed: {failed:?}",
+        failed.len(),
+        churn.ok.load(Ordering::Relaxed) + failed.len()
+    );
+    assert_eq!(psql(port, "select count(*) from t", &[]).unwrap(), "2");
+    let dir = sb.path().to_str().unwrap();
+    let via_unix = std::process::Command::new("psql")
+        .args([
+            "-XAtq",
+            "-h",
+            dir,
+            "-p",
+            &port.to_string(),
+            "-U",
+            "postgres",
+        ])
+        .args(["-d", "postgres", "-c", "select 7"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&via_unix.stdout).trim(),
+        "7",
+        "{via_unix:?}"
+    );
+    // And it can hand over again.
+    assert!(path.exists());
+    let c = Running::start(cfg);
+    assert!(c.handle().took_over);
+    assert_eq!(c.rw(), port);
+    assert_eq!(psql(port, "select 8", &[]).unwrap(), "8");
+    eprintln!(
+        "served {} clients, {} ended by the drain",
+        churn.ok.load(Ordering::Relaxed),
+        churn.drained.load(Ordering::Relaxed)
+    );
+}
