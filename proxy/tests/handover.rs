@@ -1,6 +1,7 @@
 //! Rolling restart (`handover_socket`): a new proxy takes the running
 //! one's listening sockets while clients connect without a pause, and the
-//! old one drains. Real PostgreSQL 15, tokio-postgres and psql.
+//! old one drains; the binary too. Real PostgreSQL 15, tokio-postgres and
+//! psql.
 
 #![allow(clippy::unwrap_used)]
 
@@ -10,8 +11,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{config, primary, psql, Running};
-use pgha_local::wait_until;
+use std::process::Command;
+
+use common::{config, http, primary, psql, Running};
+use pgha_local::{reserve_port, wait_until, Proc, StopSignal};
 use pgha_proxy::config::PoolMode;
 
 /// Clients that connect, run one query and leave, one after another,
@@ -165,4 +168,59 @@ fn a_new_proxy_takes_the_listeners_without_refusing_a_connection_and_the_old_one
         churn.ok.load(Ordering::Relaxed),
         churn.drained.load(Ordering::Relaxed)
     );
+}
+
+#[test]
+fn the_binary_hands_over_and_the_old_process_exits() {
+    let (sb, pg) = primary("px-handover-bin");
+    let dir = sb.subdir("proxy").unwrap();
+    let (rw, ro, admin) = (
+        reserve_port().unwrap(),
+        reserve_port().unwrap(),
+        reserve_port().unwrap(),
+    );
+    let conf = dir.join("proxy.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "listen_rw = \"127.0.0.1:{}\"\nlisten_ro = \"127.0.0.1:{}\"\nlisten_admin = \"127.0.0.1:{}\"\n\
+             handover_socket = \"handover.sock\"\nauth_method = \"trust\"\n\
+             [[backends]]\nname = \"pg1\"\nport = {}\nrole = \"primary\"\n",
+            rw.get(),
+            ro.get(),
+            admin.get(),
+            pg.port()
+        ),
+    )
+    .unwrap();
+    let (rw, admin) = (rw.get(), admin.get());
+    drop(ro);
+    let spawn = |name: &str| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgha-proxy"));
+        cmd.arg("--config").arg(&conf);
+        Proc::spawn(
+            name,
+            cmd,
+            &dir.join(format!("{name}.log")),
+            None,
+            StopSignal::Term,
+        )
+        .unwrap()
+    };
+    let mut old = spawn("old");
+    wait_until("the old proxy serves", Duration::from_secs(20), || {
+        Ok(psql(rw, "select 1", &[]).ok().map(|_| ()))
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", old.log_tail(20)));
+    let _new = spawn("new");
+    // The old process exits by itself once the new one took the sockets.
+    let status = old.wait_exit(Duration::from_secs(30)).unwrap();
+    assert!(status.success(), "{status:?}: {}", old.log_tail(20));
+    assert!(
+        old.log_tail(20).contains("took the listeners: draining"),
+        "{}",
+        old.log_tail(20)
+    );
+    assert_eq!(psql(rw, "select 2", &[]).unwrap(), "2");
+    assert!(http(admin, "GET", "/health", None).starts_with("HTTP/1.1 200"));
 }
