@@ -87,6 +87,12 @@ impl Tracker {
         self.queue.is_empty() && !self.unsynced
     }
 
+    /// Extended-protocol messages wait for a Sync (the server would skip
+    /// what follows them after an error).
+    pub fn unsynced(&self) -> bool {
+        self.unsynced
+    }
+
     /// Every request is synced (a Query or Sync ends the queue): the
     /// server will answer without waiting for more from the client.
     pub fn reply_due(&self) -> bool {
