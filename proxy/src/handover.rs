@@ -9,7 +9,10 @@
 //!
 //! The exchange: the new proxy connects and sends [`REQUEST`]; the old one
 //! answers with one message, a line per socket (`rw`, `ro`, `admin`,
-//! `unix-rw PATH`, `unix-ro PATH`) and the descriptors in that order.
+//! `unix-rw PATH`, `unix-ro PATH`) and the descriptors in that order; the
+//! new one sends [`READY`] once it listens on all of them. Only then does
+//! the old one stop accepting: a successor that fails to start before
+//! that leaves it serving (both accept from the same sockets meanwhile).
 //! May call: `router`.
 
 use std::io::{IoSlice, IoSliceMut, Read, Write};
@@ -24,6 +27,12 @@ use crate::router::Route;
 
 /// What the new proxy sends to ask for the sockets.
 pub const REQUEST: &[u8] = b"pgha-proxy handover 1\n";
+
+/// What the new proxy sends once it serves the sockets.
+pub const READY: &[u8] = b"ready\n";
+
+/// How long the old proxy waits for [`READY`].
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The most sockets one proxy listens on (three TCP, two Unix-domain).
 const MAX_SOCKETS: usize = 5;
@@ -84,7 +93,8 @@ pub struct Offer {
     pub sockets: Vec<(Role, OwnedFd)>,
 }
 
-/// Sends `offer` on `stream` once the successor asked for it.
+/// Sends `offer` on `stream` once the successor asked for it, then waits
+/// for it to say it serves them.
 pub fn give(stream: &mut UnixStream, offer: &Offer) -> Result<(), String> {
     stream
         .set_read_timeout(Some(TIMEOUT))
@@ -110,12 +120,40 @@ pub fn give(stream: &mut UnixStream, offer: &Offer) -> Result<(), String> {
     if sent != text.len() {
         return Err("the sockets' names did not fit one message".into());
     }
+    let mut ready = [0u8; READY.len()];
+    stream
+        .set_read_timeout(Some(READY_TIMEOUT))
+        .and_then(|()| stream.read_exact(&mut ready))
+        .map_err(|e| format!("the successor did not start ({e})"))?;
+    if ready != READY {
+        return Err("the successor answered something else than ready".into());
+    }
     Ok(())
+}
+
+/// Sockets taken from a predecessor, which serves them until [`Taken::ready`].
+#[derive(Debug, Default)]
+pub struct Taken {
+    pub sockets: Vec<(Role, OwnedFd)>,
+    stream: Option<UnixStream>,
+}
+
+impl Taken {
+    /// Tells the predecessor this proxy serves the sockets now: it stops
+    /// accepting and drains.
+    pub fn ready(self) -> Result<(), String> {
+        match self.stream {
+            Some(mut s) => s
+                .write_all(READY)
+                .map_err(|e| format!("telling the predecessor: {e}")),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Asks the proxy listening on `path` for its sockets. `Ok(None)` when
 /// none does (no socket file, or one nothing listens on any more).
-pub fn take(path: &Path) -> Result<Option<Vec<(Role, OwnedFd)>>, String> {
+pub fn take(path: &Path) -> Result<Option<Taken>, String> {
     let mut stream = match UnixStream::connect(path) {
         Ok(s) => s,
         Err(e)
@@ -157,9 +195,10 @@ pub fn take(path: &Path) -> Result<Option<Vec<(Role, OwnedFd)>>, String> {
     let text = std::str::from_utf8(&text[..len]).map_err(|_| "a malformed answer".to_owned())?;
     let roles: Option<Vec<Role>> = text.lines().map(Role::parse).collect();
     match roles {
-        Some(roles) if roles.len() == fds.len() && !roles.is_empty() => {
-            Ok(Some(roles.into_iter().zip(fds).collect()))
-        }
+        Some(roles) if roles.len() == fds.len() && !roles.is_empty() => Ok(Some(Taken {
+            sockets: roles.into_iter().zip(fds).collect(),
+            stream: Some(stream),
+        })),
         _ => Err(format!(
             "{} answered with {} sockets for {text:?}",
             path.display(),
@@ -211,10 +250,11 @@ mod tests {
             let (mut s, _) = server.accept().unwrap();
             give(&mut s, &offer)
         });
-        let got = take(&path).unwrap().unwrap();
+        let mut got = take(&path).unwrap().unwrap();
+        let (role, fd) = got.sockets.remove(0);
+        got.ready().unwrap();
         giver.join().unwrap().unwrap();
         drop(tcp);
-        let (role, fd) = got.into_iter().next().unwrap();
         assert_eq!(role, Role::Tcp(Listener::Rw));
         let taken = std::net::TcpListener::from(fd);
         assert_eq!(taken.local_addr().unwrap(), addr);

@@ -124,7 +124,7 @@ impl Proxy {
             .map(|etcd| pgha_cluster::Keys::new(&etcd.cluster))
             .transpose()
             .map_err(|e| StartError::Config(e.to_string()))?;
-        let mut inherited = match &cfg.handover_socket {
+        let mut taken = match &cfg.handover_socket {
             Some(path) => {
                 let path = path.clone();
                 tokio::task::spawn_blocking(move || crate::handover::take(&path))
@@ -133,8 +133,9 @@ impl Proxy {
                     .map_err(StartError::Handover)?
                     .unwrap_or_default()
             }
-            None => Vec::new(),
+            None => Default::default(),
         };
+        let inherited = &mut taken.sockets;
         let took_over = !inherited.is_empty();
         if took_over {
             tracing::info!(
@@ -143,9 +144,9 @@ impl Proxy {
             );
         }
         let handed_over = CancellationToken::new();
-        let rw = tcp_listener(&mut inherited, Listener::Rw, cfg.listen_rw).await?;
-        let ro = tcp_listener(&mut inherited, Listener::Ro, cfg.listen_ro).await?;
-        let admin = tcp_listener(&mut inherited, Listener::Admin, cfg.listen_admin).await?;
+        let rw = tcp_listener(inherited, Listener::Rw, cfg.listen_rw).await?;
+        let ro = tcp_listener(inherited, Listener::Ro, cfg.listen_ro).await?;
+        let admin = tcp_listener(inherited, Listener::Admin, cfg.listen_admin).await?;
         let local = |l: &TcpListener, addr| {
             l.local_addr()
                 .map_err(|source| StartError::Bind { addr, source })
@@ -163,7 +164,7 @@ impl Proxy {
             ] {
                 let path = dir.join(format!(".s.PGSQL.{port}"));
                 let kept = handed_over.clone();
-                let l = match unix_inherited(&mut inherited, route, &path, kept.clone()) {
+                let l = match unix_inherited(inherited, route, &path, kept.clone()) {
                     Some(l) => l,
                     None => bind_unix(&path, 0o777, false, kept).await?,
                 };
@@ -171,13 +172,12 @@ impl Proxy {
             }
         }
         // Sockets of the predecessor this configuration no longer has.
-        for (role, _) in &inherited {
+        for (role, _) in inherited.drain(..) {
             tracing::info!(
                 ?role,
                 "not listening on the predecessor's socket any more (the configuration changed)"
             );
         }
-        drop(inherited);
         // What a successor would take: copies of the descriptors, kept
         // while this proxy accepts.
         let mut offer = crate::handover::Offer::default();
@@ -205,6 +205,15 @@ impl Proxy {
             Some(path) => Some(bind_unix(path, 0o600, took_over, handed_over.clone()).await?),
             None => None,
         };
+        // Everything is bound: the predecessor may stop accepting now.
+        // (Had this start failed, it would have gone on serving.)
+        match tokio::task::spawn_blocking(move || taken.ready()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "handover: the predecessor did not hear that this proxy is ready")
+            }
+            Err(e) => tracing::warn!(error = %e, "handover: telling the predecessor failed"),
+        }
         let handle = ProxyHandle {
             rw_addr,
             ro_addr,
@@ -218,19 +227,19 @@ impl Proxy {
             handed_over,
             took_over,
         };
+        // Also stopped by a handover: the successor answers from then on.
+        let admin_stop = handle.shutdown.child_token();
         if let Some(listener) = handover {
             handle.tasks.spawn(offer_sockets(
                 listener,
                 offer,
                 handle.handed_over.clone(),
-                handle.accepting.clone(),
+                [handle.accepting.clone(), admin_stop.clone()],
             ));
         }
-        handle.tasks.spawn(crate::admin::serve(
-            admin,
-            shared.clone(),
-            handle.shutdown.clone(),
-        ));
+        handle
+            .tasks
+            .spawn(crate::admin::serve(admin, shared.clone(), admin_stop));
         if let (Some(etcd), Some(keys)) = (&cfg.etcd, keys) {
             handle.tasks.spawn(crate::watch::run(
                 shared.clone(),
@@ -501,14 +510,16 @@ fn unix_inherited(
 }
 
 /// Serves `handover_socket`: the first successor that asks gets the
-/// listening sockets, and this proxy stops accepting (the caller then
-/// drains). Ends, closing the copies, once this proxy stops accepting.
+/// listening sockets, and once it serves them this proxy stops accepting
+/// clients and admin requests (`stop`; the caller then drains). Ends,
+/// closing the copies, once this proxy stops accepting.
 async fn offer_sockets(
     listener: UnixSocket,
     mut offer: crate::handover::Offer,
     handed_over: CancellationToken,
-    accepting: CancellationToken,
+    stop: [CancellationToken; 2],
 ) {
+    let [accepting, admin] = stop;
     loop {
         let stream = tokio::select! {
             _ = accepting.cancelled() => return,
@@ -520,6 +531,10 @@ async fn offer_sockets(
                 }
             },
         };
+        if accepting.is_cancelled() {
+            // Draining already (SIGTERM): its socket files are going.
+            return;
+        }
         let exchange = move || {
             let mut s = stream.into_std()?;
             s.set_nonblocking(false)?;
@@ -531,6 +546,7 @@ async fn offer_sockets(
                 // Kept for the successor: this proxy's files must stay.
                 handed_over.cancel();
                 accepting.cancel();
+                admin.cancel();
                 tracing::info!("handed the listening sockets to a new pgha-proxy; draining");
                 return;
             }

@@ -87,10 +87,11 @@ impl Tracker {
         self.queue.is_empty() && !self.unsynced
     }
 
-    /// Extended-protocol messages wait for a Sync (the server would skip
-    /// what follows them after an error).
-    pub fn unsynced(&self) -> bool {
-        self.unsynced
+    /// Nothing outstanding but the proxy's own queries (a settings sync,
+    /// which leaves the transaction status as it was): the last status
+    /// is the one the next request meets.
+    pub fn settled_for_client(&self) -> bool {
+        !self.unsynced && self.queue.iter().all(|p| matches!(p, Pending::HiddenQuery))
     }
 
     /// Every request is synced (a Query or Sync ends the queue): the

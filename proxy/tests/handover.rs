@@ -106,7 +106,18 @@ fn a_new_proxy_takes_the_listeners_without_refusing_a_connection_and_the_old_one
     let clients = churn.clone().run(port);
     churn.wait_for(20);
 
-    let b = Running::start(cfg.clone());
+    // A successor that takes the sockets but dies before it serves them:
+    // the old proxy goes on as if nothing happened.
+    let died = pgha_proxy::handover::take(&path).unwrap().unwrap();
+    assert_eq!(died.sockets.len(), 5, "rw, ro, admin and two Unix sockets");
+    drop(died);
+    churn.wait_for(20);
+    assert!(!a.handle().handed_over.is_cancelled());
+    assert_eq!(psql(port, "select 3", &[]).unwrap(), "3");
+
+    let mut cfg_b = cfg.clone();
+    cfg_b.id = "successor".into();
+    let b = Running::start(cfg_b);
     assert!(b.handle().took_over);
     assert_eq!((b.rw(), b.ro()), (port, a.ro()), "the same sockets");
     assert_eq!(b.handle().admin_addr, admin);
@@ -115,6 +126,11 @@ fn a_new_proxy_takes_the_listeners_without_refusing_a_connection_and_the_old_one
     })
     .unwrap();
     churn.wait_for(20);
+    // While the old one drains, only the new one answers admin requests.
+    for _ in 0..20 {
+        let status = http(admin.port(), "GET", "/status", None);
+        assert!(status.contains("\"id\": \"successor\""), "{status}");
+    }
 
     // The open transaction finishes on the old proxy, which then drains.
     a.rt.block_on(open.batch_execute("insert into t values (2); commit"))

@@ -146,12 +146,13 @@ pub fn transaction_mode(
         // which the server knows under another name (and keeps for other
         // clients): the client forgets it, and the server drops a
         // stand-in prepared just before, so the reply is the server's own
-        // (the status of an open transaction). In an aborted transaction
-        // it goes as sent: the server refuses it and the statement is
-        // kept, as there. So it does after extended messages still
-        // waiting for their Sync (rare), where an error would make the
-        // server skip the stand-in unseen.
-        b'Q' if conn.tracker.status() != b'E' && !conn.tracker.unsynced() => {
+        // (the status of an open transaction). Only with none of the
+        // client's requests outstanding, so that status is known:
+        // otherwise (rare) and in
+        // an aborted transaction it goes as sent, and the server refuses
+        // it or answers 26000, the statement kept (an earlier request
+        // could yet fail and make the stand-in fail unseen).
+        b'Q' if conn.tracker.settled_for_client() && conn.tracker.status() != b'E' => {
             if let Some(name) = crate::prepared::sql_deallocate(body) {
                 if stmts.remove(&name).is_some() {
                     msg::put_query(out.server, &format!("PREPARE {DEALLOCATED} AS SELECT"));
