@@ -207,12 +207,14 @@ impl Proxy {
         };
         // Everything is bound: the predecessor may stop accepting now.
         // (Had this start failed, it would have gone on serving.)
-        match tokio::task::spawn_blocking(move || taken.ready()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "handover: the predecessor did not hear that this proxy is ready")
+        if took_over {
+            match tokio::task::spawn_blocking(move || taken.ready()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "handover: the predecessor did not hear that this proxy is ready")
+                }
+                Err(e) => tracing::warn!(error = %e, "handover: telling the predecessor failed"),
             }
-            Err(e) => tracing::warn!(error = %e, "handover: telling the predecessor failed"),
         }
         let handle = ProxyHandle {
             rw_addr,

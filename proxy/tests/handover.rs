@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use std::process::Command;
 
-use common::{config, http, primary, psql, Running};
-use pgha_local::{reserve_port, wait_until, Proc, StopSignal};
+use common::{binary_config, config, http, primary, psql, Running};
+use pgha_local::{wait_until, Proc, StopSignal};
 use pgha_proxy::config::PoolMode;
 
 /// Clients that connect, run one query and leave, one after another,
@@ -190,30 +190,15 @@ fn a_new_proxy_takes_the_listeners_without_refusing_a_connection_and_the_old_one
 fn the_binary_hands_over_and_the_old_process_exits() {
     let (sb, pg) = primary("px-handover-bin");
     let dir = sb.subdir("proxy").unwrap();
-    let (rw, ro, admin) = (
-        reserve_port().unwrap(),
-        reserve_port().unwrap(),
-        reserve_port().unwrap(),
+    let bin = binary_config(
+        &dir,
+        &pg,
+        "handover_socket = \"handover.sock\"\nauth_method = \"trust\"\n",
     );
-    let conf = dir.join("proxy.toml");
-    std::fs::write(
-        &conf,
-        format!(
-            "listen_rw = \"127.0.0.1:{}\"\nlisten_ro = \"127.0.0.1:{}\"\nlisten_admin = \"127.0.0.1:{}\"\n\
-             handover_socket = \"handover.sock\"\nauth_method = \"trust\"\n\
-             [[backends]]\nname = \"pg1\"\nport = {}\nrole = \"primary\"\n",
-            rw.get(),
-            ro.get(),
-            admin.get(),
-            pg.port()
-        ),
-    )
-    .unwrap();
-    let (rw, admin) = (rw.get(), admin.get());
-    drop(ro);
+    let (conf, rw, admin) = (&bin.path, bin.rw.get(), bin.admin.get());
     let spawn = |name: &str| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgha-proxy"));
-        cmd.arg("--config").arg(&conf);
+        cmd.arg("--config").arg(conf);
         Proc::spawn(
             name,
             cmd,

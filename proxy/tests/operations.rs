@@ -11,7 +11,7 @@ use std::net::TcpStream;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{config, http, metric, primary, psql, Raw, Running};
+use common::{binary_config, config, http, metric, primary, psql, Raw, Running};
 use pgha_local::{reserve_port, wait_until, Proc, StopSignal};
 use pgha_proxy::config::PoolMode;
 use pgha_proxy::protocol::messages as msg;
@@ -20,30 +20,15 @@ use pgha_proxy::protocol::messages as msg;
 fn the_binary_serves_admin_http_reloads_users_on_sighup_and_exits_on_sigterm() {
     let (sb, pg) = primary("px-binary");
     let dir = sb.subdir("proxy").unwrap();
-    let (rw, ro, admin) = (
-        reserve_port().unwrap(),
-        reserve_port().unwrap(),
-        reserve_port().unwrap(),
-    );
     std::fs::write(dir.join("users.txt"), "\"postgres\" \"first\"\n").unwrap();
-    let conf = dir.join("proxy.toml");
-    std::fs::write(
-        &conf,
-        format!(
-            "listen_rw = \"127.0.0.1:{}\"\nlisten_ro = \"127.0.0.1:{}\"\nlisten_admin = \"127.0.0.1:{}\"\n\
-             admin_token = \"tok\"\nusers_file = \"users.txt\"\nauth_method = \"scram-sha-256\"\n\
-             [[backends]]\nname = \"pg1\"\nport = {}\nrole = \"primary\"\n",
-            rw.get(),
-            ro.get(),
-            admin.get(),
-            pg.port()
-        ),
-    )
-    .unwrap();
-    let (rw, admin) = (rw.get(), admin.get());
-    drop(ro);
+    let bin = binary_config(
+        &dir,
+        &pg,
+        "admin_token = \"tok\"\nusers_file = \"users.txt\"\nauth_method = \"scram-sha-256\"\n",
+    );
+    let (conf, rw, admin) = (&bin.path, bin.rw.get(), bin.admin.get());
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgha-proxy"));
-    cmd.arg("--config").arg(&conf);
+    cmd.arg("--config").arg(conf);
     let mut proc = Proc::spawn(
         "pgha-proxy",
         cmd,
@@ -87,8 +72,8 @@ fn the_binary_serves_admin_http_reloads_users_on_sighup_and_exits_on_sigterm() {
     assert!(psql(rw, "select 1", &[("PGPASSWORD", "first")]).is_err());
 
     // A config file with a typo: the proxy says so and keeps serving.
-    let good = std::fs::read_to_string(&conf).unwrap();
-    std::fs::write(&conf, format!("pool_sise = 3\n{good}")).unwrap();
+    let good = std::fs::read_to_string(conf).unwrap();
+    std::fs::write(conf, format!("pool_sise = 3\n{good}")).unwrap();
     proc.signal(nix::sys::signal::Signal::SIGHUP).unwrap();
     wait_until("the refusal logged", Duration::from_secs(10), || {
         let log = std::fs::read_to_string(dir.join("proxy.log")).unwrap_or_default();

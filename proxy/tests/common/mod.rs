@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use pgha_local::{PgInstance, PgOptions, Sandbox};
+use pgha_local::{reserve_port, PgInstance, PgOptions, Port, Sandbox};
 use pgha_proxy::config::{BackendRole, Config, PoolMode, StaticBackend};
 use pgha_proxy::protocol::{messages as msg, split_frame};
 use pgha_proxy::{Proxy, ProxyHandle};
@@ -29,6 +29,38 @@ pub fn primary(label: &str) -> (Sandbox, PgInstance) {
     let sb = Sandbox::new(label).unwrap();
     let pg = PgInstance::primary(&sb, "pg1", &PgOptions::default()).unwrap();
     (sb, pg)
+}
+
+/// A config file for the pgha-proxy binary, `<dir>/proxy.toml`: its
+/// three listeners on ports reserved while this lives, `pg` as the static
+/// primary, and the `extra` lines.
+pub struct BinaryConfig {
+    pub path: std::path::PathBuf,
+    pub rw: Port,
+    pub ro: Port,
+    pub admin: Port,
+}
+
+pub fn binary_config(dir: &std::path::Path, pg: &PgInstance, extra: &str) -> BinaryConfig {
+    let c = BinaryConfig {
+        path: dir.join("proxy.toml"),
+        rw: reserve_port().unwrap(),
+        ro: reserve_port().unwrap(),
+        admin: reserve_port().unwrap(),
+    };
+    std::fs::write(
+        &c.path,
+        format!(
+            "listen_rw = \"127.0.0.1:{}\"\nlisten_ro = \"127.0.0.1:{}\"\nlisten_admin = \"127.0.0.1:{}\"\n\
+             {extra}[[backends]]\nname = \"pg1\"\nport = {}\nrole = \"primary\"\n",
+            c.rw.get(),
+            c.ro.get(),
+            c.admin.get(),
+            pg.port()
+        ),
+    )
+    .unwrap();
+    c
 }
 
 /// A config pointing at `pg` as the primary, trust auth, ports 0.
