@@ -235,6 +235,13 @@ pub fn one_server(label: &str) -> (Sandbox, PgInstance, Running) {
     (sb, pg, p)
 }
 
+/// A Parse of `sql` as statement `name`, no parameter types.
+pub fn parse(b: &mut BytesMut, name: &str, sql: &str) {
+    let mut rest = sql.as_bytes().to_vec();
+    rest.extend_from_slice(&[0, 0, 0]);
+    msg::put_parse(b, name, &rest);
+}
+
 /// The first column of the first DataRow among `msgs`.
 pub fn first_value(msgs: &[(u8, Vec<u8>)]) -> String {
     let (_, body) = msgs.iter().find(|(t, _)| *t == b'D').expect("a DataRow");
