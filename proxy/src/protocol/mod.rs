@@ -197,11 +197,6 @@ impl StartupParams {
         self.others
     }
 
-    /// The minor version of protocol 3 the client asked for.
-    pub fn protocol_minor(&self) -> u16 {
-        self.minor
-    }
-
     /// Protocol options asked for (`_pq_.name`): none is supported.
     pub fn protocol_options(&self) -> impl Iterator<Item = &str> {
         let any = self.others;

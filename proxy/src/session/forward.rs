@@ -90,9 +90,10 @@ pub fn names_a_statement(tag: u8, body: &[u8]) -> bool {
     }
 }
 
-/// The name the proxy prepares and drops in place of a client's
+/// The stand-in the proxy prepares and drops in place of a client's
 /// statement named in an SQL DEALLOCATE.
-const DEALLOCATED: &str = "pgha_deallocate";
+const PREPARE_STAND_IN: &str = "PREPARE pgha_deallocate AS SELECT";
+const DEALLOCATE_STAND_IN: &str = "DEALLOCATE pgha_deallocate";
 
 /// Forwards one client frame in transaction mode, where named statements
 /// are renamed to their proxy-wide names and prepared on demand.
@@ -148,16 +149,16 @@ pub fn transaction_mode(
         // stand-in prepared just before, so the reply is the server's own
         // (the status of an open transaction). Only with none of the
         // client's requests outstanding, so that status is known:
-        // otherwise (rare) and in
-        // an aborted transaction it goes as sent, and the server refuses
-        // it or answers 26000, the statement kept (an earlier request
-        // could yet fail and make the stand-in fail unseen).
+        // otherwise (rare) and in an aborted transaction it goes as sent,
+        // and the server refuses it or answers 26000, the statement kept
+        // (an earlier request could yet fail and make the stand-in fail
+        // unseen).
         b'Q' if conn.tracker.settled_for_client() && conn.tracker.status() != b'E' => {
             if let Some(name) = crate::prepared::sql_deallocate(body) {
                 if stmts.remove(&name).is_some() {
-                    msg::put_query(out.server, &format!("PREPARE {DEALLOCATED} AS SELECT"));
+                    msg::put_query(out.server, PREPARE_STAND_IN);
                     put_fakes(out.client, conn.tracker.push(Pending::HiddenQuery));
-                    msg::put_query(out.server, &format!("DEALLOCATE {DEALLOCATED}"));
+                    msg::put_query(out.server, DEALLOCATE_STAND_IN);
                     conn.tracker.client_message(b'Q');
                     return;
                 }
