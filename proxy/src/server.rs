@@ -46,6 +46,8 @@ pub enum ServerError {
     Rejected(ErrorFields),
     #[error("server asks for a password the proxy does not have")]
     NoPassword,
+    #[error("server asks for SCRAM, but the proxy has only the md5 hash of this user's password (put the password or a SCRAM verifier in the users file, or use md5 on the server)")]
+    Md5ForScram,
     #[error("server authentication failed: {0}")]
     Auth(String),
     #[error("server protocol error: {0}")]
@@ -63,7 +65,7 @@ impl ServerError {
     pub fn is_transient(&self) -> bool {
         match self {
             ServerError::Rejected(f) => ["08", "53", "57"].iter().any(|c| f.code.starts_with(c)),
-            ServerError::NoPassword | ServerError::Auth(_) => false,
+            ServerError::NoPassword | ServerError::Md5ForScram | ServerError::Auth(_) => false,
             _ => true,
         }
     }
@@ -103,8 +105,8 @@ impl ParamSet {
 /// Shared with the sessions and the pool.
 pub type Params = Arc<ParamSet>;
 
-/// Who logs in, where.
-#[derive(Debug, Clone)]
+/// Who logs in, where, and the secret that lets it in (never printed).
+#[derive(Clone)]
 pub struct Login {
     pub user: String,
     pub database: String,
@@ -114,9 +116,23 @@ pub struct Login {
     /// so the settings hold in every transaction.
     pub options: String,
     pub password: Option<String>,
+    /// The md5 hash of the password (`md5...`, from the users file or
+    /// auth_query) when the password itself is not known: it answers an
+    /// md5 challenge, not SCRAM.
+    pub md5: Option<String>,
     /// (ClientKey, ServerKey) for SCRAM without the password: recovered
     /// from the client's own SCRAM login against an auth_query verifier.
     pub scram_keys: Option<([u8; 32], [u8; 32])>,
+}
+
+impl std::fmt::Debug for Login {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Login")
+            .field("user", &self.user)
+            .field("database", &self.database)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The SCRAM exchange with a server in progress.
@@ -409,12 +425,12 @@ impl ServerConn {
             3 => msg::put_password(&mut out, password()?),
             5 => {
                 let salt: [u8; 4] = data.try_into().map_err(|_| bad())?;
-                let hash = postgres_protocol::authentication::md5_hash(
-                    login.user.as_bytes(),
-                    password()?.as_bytes(),
-                    salt,
-                );
-                msg::put_password(&mut out, &hash);
+                let stored = match (&login.password, &login.md5) {
+                    (Some(pw), _) => crate::auth::md5_stored(&login.user, pw),
+                    (None, Some(hash)) => hash.clone(),
+                    (None, None) => return Err(ServerError::NoPassword),
+                };
+                msg::put_password(&mut out, &crate::auth::md5_salted(&stored, salt));
             }
             10 => {
                 let client = match (&login.password, login.scram_keys) {
@@ -425,6 +441,7 @@ impl ServerConn {
                     (None, Some((ck, sk))) => ScramClient::Keys(
                         crate::auth::scram::KeyClient::new(ck, sk, crate::auth::nonce()),
                     ),
+                    (None, None) if login.md5.is_some() => return Err(ServerError::Md5ForScram),
                     (None, None) => return Err(ServerError::NoPassword),
                 };
                 let first = match &client {

@@ -77,6 +77,68 @@ fn auth_query_users_log_in_with_scram_and_reach_servers_without_a_stored_passwor
     );
 }
 
+#[test]
+fn md5_hashes_from_the_users_file_or_auth_query_log_clients_in_and_answer_md5_servers() {
+    let (sb, pg) = primary("px-md5hash");
+    pg.psql(
+        "set password_encryption = 'md5'; create role app_md5 login password 'pw'; \
+         create role app_md5q login password 'pwq'",
+    )
+    .unwrap();
+    pg.psql("create role app_scram login password 'pws'")
+        .unwrap();
+    hba_first(
+        &pg,
+        "host all app_md5,app_md5q 127.0.0.1/32 md5\n\
+         host all app_scram 127.0.0.1/32 scram-sha-256\n",
+    );
+    // What PgBouncer users keep in their auth_file: pg_shadow's hash.
+    let hash = pg
+        .psql("select passwd from pg_shadow where usename = 'app_md5'")
+        .unwrap();
+    assert!(hash.starts_with("md5") && hash.len() == 35, "{hash}");
+    let users = sb.path().join("users.txt");
+    std::fs::write(&users, format!("\"app_md5\" \"{hash}\"\n")).unwrap();
+    let start = |method| {
+        let mut cfg = config(&pg, PoolMode::Transaction);
+        cfg.users_file = Some(users.clone());
+        cfg.auth_method = method;
+        cfg.auth_query = Some("SELECT usename, passwd FROM pg_shadow WHERE usename = $1".into());
+        Running::start(cfg)
+    };
+    let refused = |r: Result<String, String>, user: &str| {
+        let err = r.unwrap_err();
+        let want = format!("password authentication failed for user \"{user}\"");
+        assert!(err.contains(&want), "{user}: {err}");
+    };
+    let p = start(AuthMethod::Md5);
+    // The hash checks the client's md5 answer and answers the server's
+    // md5 challenge (the server's method is in force: see below).
+    assert_eq!(login(p.rw(), "app_md5", Some("pw")).unwrap(), "app_md5");
+    refused(login(p.rw(), "app_md5", Some("pwx")), "app_md5");
+    // The same from auth_query.
+    assert_eq!(login(p.rw(), "app_md5q", Some("pwq")).unwrap(), "app_md5q");
+    refused(login(p.rw(), "app_md5q", Some("pw")), "app_md5q");
+    // A user known by a SCRAM verifier logs in with SCRAM under md5, as
+    // PostgreSQL's md5 method does.
+    assert_eq!(
+        login(p.rw(), "app_scram", Some("pws")).unwrap(),
+        "app_scram"
+    );
+    refused(login(p.rw(), "app_scram", Some("pw")), "app_scram");
+    drop(p);
+    // A SCRAM login cannot be checked against an md5 hash: refused with
+    // the standard error, as PostgreSQL refuses it.
+    let p = start(AuthMethod::ScramSha256);
+    refused(login(p.rw(), "app_md5", Some("pw")), "app_md5");
+    refused(login(p.rw(), "app_md5q", Some("pwq")), "app_md5q");
+    assert_eq!(
+        login(p.rw(), "app_scram", Some("pws")).unwrap(),
+        "app_scram"
+    );
+    assert!(login(pg.port(), "app_md5", None).is_err());
+}
+
 /// Puts `rules` ahead of the server's pg_hba.conf and reloads it.
 fn hba_first(pg: &pgha_local::PgInstance, rules: &str) {
     let hba = pg.data_dir().join("pg_hba.conf");

@@ -26,6 +26,9 @@ pub enum AuthError {
     UnknownUser(String),
     #[error("password authentication failed")]
     WrongPassword,
+    /// PostgreSQL refuses this too: an md5 hash cannot check a SCRAM proof.
+    #[error("the user has only an md5 password hash, which cannot check a SCRAM login (auth_method = \"md5\" accepts it)")]
+    NoScramSecret,
     #[error("authentication protocol error: {0}")]
     Protocol(String),
     #[error("client closed the connection during authentication")]
@@ -42,11 +45,17 @@ impl From<ProtocolError> for AuthError {
     }
 }
 
-/// What the proxy knows about one user.
+/// What the proxy knows about one user: a plaintext password (SCRAM keys
+/// derived from it too), a SCRAM verifier, or an md5 hash.
 #[derive(Clone)]
 pub struct UserSecret {
-    /// Plaintext password: needed for md5 clients and to log in to servers.
+    /// Plaintext password: checks md5 and SCRAM clients and logs in to
+    /// servers whatever they ask.
     pub password: Option<String>,
+    /// `md5` and hex(md5(password || user)), as `pg_shadow` and
+    /// PgBouncer's auth_file hold an md5 user's password: it checks md5
+    /// clients and answers a server's md5 challenge, but not SCRAM.
+    pub md5: Option<String>,
     /// SCRAM keys derived once at load, so a login costs no PBKDF2.
     pub scram: Option<ScramKeys>,
 }
@@ -57,8 +66,9 @@ impl std::fmt::Debug for UserSecret {
     }
 }
 
-/// The users file: `"name" "secret"` per line, secret plaintext or a
-/// `SCRAM-SHA-256$...` verifier; `;` and `#` start comments.
+/// The users file: `"name" "secret"` per line, secret plaintext, a
+/// `SCRAM-SHA-256$...` verifier or an `md5...` hash (PgBouncer's
+/// auth_file format); `;` and `#` start comments.
 #[derive(Debug, Clone, Default)]
 pub struct Users {
     users: HashMap<String, UserSecret>,
@@ -117,18 +127,78 @@ impl Users {
 
 impl UserSecret {
     fn new(secret: &str) -> UserSecret {
-        if let Some(keys) = ScramKeys::from_verifier(secret) {
-            return UserSecret {
-                password: None,
-                scram: Some(keys),
-            };
+        if let Some(s) = UserSecret::from_shadow(secret) {
+            return s;
         }
         let salt: [u8; 16] = rand::thread_rng().gen();
         UserSecret {
             password: Some(secret.to_owned()),
+            md5: None,
             scram: Some(ScramKeys::from_password(secret, salt.to_vec(), 4096)),
         }
     }
+
+    /// A secret from a `pg_shadow.passwd` value (or a users file entry)
+    /// that is not the password itself: a SCRAM verifier or an md5 hash.
+    pub fn from_shadow(passwd: &str) -> Option<UserSecret> {
+        if is_md5_hash(passwd) {
+            return Some(UserSecret {
+                password: None,
+                md5: Some(passwd.to_owned()),
+                scram: None,
+            });
+        }
+        ScramKeys::from_verifier(passwd).map(|k| UserSecret {
+            password: None,
+            md5: None,
+            scram: Some(k),
+        })
+    }
+
+    /// The md5 hash of `user`'s password, if the proxy knows it.
+    pub fn md5_for(&self, user: &str) -> Option<String> {
+        let from_password = || self.password.as_deref().map(|p| md5_stored(user, p));
+        self.md5.clone().or_else(from_password)
+    }
+}
+
+/// Whether `s` is an md5 password hash, as PostgreSQL decides: `md5` and
+/// 32 lowercase hex digits.
+pub fn is_md5_hash(s: &str) -> bool {
+    s.strip_prefix("md5").is_some_and(|h| {
+        h.len() == 32
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
+}
+
+fn md5_hex(parts: &[&[u8]]) -> String {
+    use md5::Digest;
+    use std::fmt::Write;
+    let mut h = md5::Md5::new();
+    for p in parts {
+        h.update(p);
+    }
+    let mut out = String::with_capacity(35);
+    out.push_str("md5");
+    for b in h.finalize() {
+        // Writing to a String cannot fail.
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
+/// `md5` and hex(md5(password || user)): the stored form of an md5 password.
+pub fn md5_stored(user: &str, password: &str) -> String {
+    md5_hex(&[password.as_bytes(), user.as_bytes()])
+}
+
+/// The answer to an md5 challenge with `salt`, from the stored hash
+/// (`md5` and hex(md5(hash's hex digits || salt))): what a client sends
+/// and a server expects.
+pub fn md5_salted(stored: &str, salt: [u8; 4]) -> String {
+    let hex = stored.strip_prefix("md5").unwrap_or(stored);
+    md5_hex(&[hex.as_bytes(), &salt])
 }
 
 /// Reads the next password-family message ('p') body from the client.
@@ -182,6 +252,11 @@ pub async fn authenticate<C: AsyncRead + AsyncWrite + Unpin>(
     match method {
         // Answered above.
         AuthMethod::Trust => Ok(None),
+        // A user known only by a SCRAM verifier logs in with SCRAM, as
+        // PostgreSQL's md5 method does for such users.
+        AuthMethod::Md5 if secret.password.is_none() && secret.md5.is_none() => {
+            scram(client, buf, secret, binding).await.map(Some)
+        }
         AuthMethod::Md5 => md5(client, buf, secret, user).await.map(|_| None),
         AuthMethod::ScramSha256 => scram(client, buf, secret, binding).await.map(Some),
     }
@@ -212,11 +287,10 @@ async fn md5<C: AsyncRead + AsyncWrite + Unpin>(
     client.write_all(&out).await?;
     let body = read_password_msg(client, buf).await?;
     let (answer, _) = msg::cstr(&body).ok_or(AuthError::Protocol("bad md5".into()))?;
-    let Some(pw) = &secret.password else {
+    let Some(stored) = secret.md5_for(user) else {
         return Err(AuthError::WrongPassword);
     };
-    let want = postgres_protocol::authentication::md5_hash(user.as_bytes(), pw.as_bytes(), salt);
-    if answer == want {
+    if answer == md5_salted(&stored, salt) {
         Ok(())
     } else {
         Err(AuthError::WrongPassword)
@@ -229,7 +303,7 @@ async fn scram<C: AsyncRead + AsyncWrite + Unpin>(
     secret: &UserSecret,
     binding: Option<&[u8]>,
 ) -> Result<[u8; 32], AuthError> {
-    let keys = secret.scram.clone().ok_or(AuthError::WrongPassword)?;
+    let keys = secret.scram.clone().ok_or(AuthError::NoScramSecret)?;
     let mut out = BytesMut::new();
     let offered: &[&str] = match binding {
         Some(_) => &[scram::PLUS, scram::PLAIN],
@@ -268,17 +342,6 @@ pub fn nonce() -> String {
     random_nonce()
 }
 
-impl UserSecret {
-    /// A secret from a `pg_shadow.passwd` value: only SCRAM verifiers can
-    /// be used without the password.
-    pub fn from_shadow(passwd: &str) -> Option<UserSecret> {
-        ScramKeys::from_verifier(passwd).map(|k| UserSecret {
-            password: None,
-            scram: Some(k),
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -293,9 +356,60 @@ mod tests {
     }
 
     #[test]
+    fn md5_hashes_are_told_from_passwords_and_answer_as_libpq_computes() {
+        let stored = md5_stored("alice", "pw");
+        assert!(is_md5_hash(&stored), "{stored}");
+        for not in [
+            "pw",
+            "md5",
+            "md5ABCDEF0123456789abcdef0123456789",
+            &stored[..34],
+        ] {
+            assert!(!is_md5_hash(not), "{not}");
+        }
+        let salt = [1, 2, 3, 250];
+        // postgres-protocol's client computation, from the password.
+        let libpq = postgres_protocol::authentication::md5_hash(b"alice", b"pw", salt);
+        assert_eq!(md5_salted(&stored, salt), libpq);
+        let u = Users::parse(&format!("\"alice\" \"{stored}\"\n\"bob\" \"pw\"")).unwrap();
+        let alice = u.get("alice").unwrap();
+        assert!(alice.password.is_none() && alice.scram.is_none());
+        assert_eq!(alice.md5_for("alice").as_deref(), Some(stored.as_str()));
+        // A plaintext password gives its hash for the user asking.
+        let bob = u.get("bob").unwrap();
+        assert_eq!(bob.md5_for("bob"), Some(md5_stored("bob", "pw")));
+    }
+
+    #[tokio::test]
+    async fn an_md5_hash_cannot_check_a_scram_login() {
+        let users = Users::parse(&format!("\"alice\" \"{}\"", md5_stored("alice", "pw"))).unwrap();
+        let (mut a, _b) = tokio::io::duplex(4096);
+        let mut buf = BytesMut::new();
+        let secret = users.get("alice");
+        let method = AuthMethod::ScramSha256;
+        let r = authenticate(&mut a, &mut buf, method, secret, true, "alice", None).await;
+        assert!(matches!(r, Err(AuthError::NoScramSecret)), "{r:?}");
+    }
+
+    #[test]
     fn debug_output_never_shows_a_secret() {
         let u = Users::parse("\"alice\" \"hunter2\"").unwrap();
         assert!(!format!("{u:?}").contains("hunter2"));
+        // Nor a login's (pools are Debug and hold one).
+        let login = crate::server::Login {
+            user: "alice".into(),
+            database: "db".into(),
+            options: String::new(),
+            password: Some("hunter2".into()),
+            md5: Some(md5_stored("alice", "hunter2")),
+            scram_keys: Some(([7; 32], [9; 32])),
+        };
+        let text = format!("{login:?}");
+        assert!(
+            text.contains("alice") && !text.contains("hunter2"),
+            "{text}"
+        );
+        assert!(!text.contains("md5") && !text.contains("7, 7"), "{text}");
     }
 
     #[tokio::test]

@@ -15,8 +15,8 @@ pub fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
-/// The user's secret from the leader, `None` if unknown or not usable
-/// without the password (only SCRAM verifiers are).
+/// The user's secret from the leader (a SCRAM verifier or an md5 hash),
+/// `None` if unknown or neither.
 pub async fn lookup(shared: &Shared, user: &str) -> Result<Option<UserSecret>, AuthError> {
     let cfg = shared.cfg();
     let Some(query) = cfg.auth_query.as_deref() else {
@@ -31,14 +31,13 @@ pub async fn lookup(shared: &Shared, user: &str) -> Result<Option<UserSecret>, A
         .ok_or_else(|| fail("no leader".into()))?;
     let users = shared.users.load_full();
     let auth_user = &cfg.auth_user;
+    let secret = users.as_deref().and_then(|u| u.get(auth_user));
     let login = Login {
         user: auth_user.clone(),
         database: cfg.auth_database.clone(),
         options: String::new(),
-        password: users
-            .as_deref()
-            .and_then(|u| u.get(auth_user))
-            .and_then(|s| s.password.clone()),
+        password: secret.and_then(|s| s.password.clone()),
+        md5: secret.and_then(|s| s.md5.clone()),
         scram_keys: None,
     };
     let opts = shared.pools.connect_opts();

@@ -265,8 +265,9 @@ impl<C: ClientIo> Session<C> {
     }
 }
 
-/// Server credentials for a client that logged in.
-type Credentials = (Option<String>, Option<([u8; 32], [u8; 32])>);
+/// Server credentials for a client that logged in: password, md5 hash,
+/// SCRAM keys (see [`Login`]).
+type Credentials = (Option<String>, Option<String>, Option<([u8; 32], [u8; 32])>);
 
 /// Authenticates the client (users file, else auth_query); on success the
 /// credentials the proxy logs in to servers with, on failure the client
@@ -322,12 +323,13 @@ async fn client_login<C: ClientIo>(
         }
     };
     let password = secret.as_ref().and_then(|s| s.password.clone());
+    let md5 = secret.as_ref().and_then(|s| s.md5.clone());
     let keys = secret.as_ref().and_then(|s| s.scram.as_ref());
     let scram_keys = match (&password, client_key, keys) {
         (None, Some(ck), Some(keys)) => Some((ck, keys.server_key)),
         _ => None,
     };
-    Some((password, scram_keys))
+    Some((password, md5, scram_keys))
 }
 
 /// Folds the startup packet's other settings (`search_path`,
@@ -451,7 +453,7 @@ where
             return None;
         }
     }
-    let (password, scram_keys) =
+    let (password, md5, scram_keys) =
         client_login(&shared, &cfg, &mut client, &mut buf, &user, binding).await?;
     let mode = cfg.pool_settings(&database, &user).mode;
     let cancel = shared.cancels.register();
@@ -467,6 +469,7 @@ where
             database,
             options,
             password,
+            md5,
             scram_keys,
         },
         vars: crate::vars::Vars::from_startup(&params),

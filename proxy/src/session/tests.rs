@@ -159,6 +159,7 @@ fn a_connection_made_for_min_idle_is_not_kept_by_a_pool_retired_meanwhile() {
         database: "postgres".into(),
         options: String::new(),
         password: None,
+        md5: None,
         scram_keys: None,
     };
     let pool = shared.pools.get(&leader, &login, Route::ReadWrite);
