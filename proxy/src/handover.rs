@@ -13,12 +13,16 @@
 //! new one sends [`READY`] once it listens on all of them. Only then does
 //! the old one stop accepting: a successor that fails to start before
 //! that leaves it serving (both accept from the same sockets meanwhile).
+//! A drain (SIGTERM) that comes during an exchange waits for its outcome
+//! ([`Gate`]): it would otherwise remove the Unix socket files the
+//! successor serves from then on.
 //! May call: `router`.
 
 use std::io::{IoSlice, IoSliceMut, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags, UnixAddr};
@@ -39,6 +43,39 @@ const MAX_SOCKETS: usize = 5;
 
 /// How long either side waits for the other.
 pub const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Orders a handover exchange and the start of a drain: one waits for
+/// the other. A drain that began first refuses the exchange (its socket
+/// files are going); one that comes during an exchange waits for it to end
+/// (at most about [`READY_TIMEOUT`]), so the files stay if the successor
+/// took over and go if it failed.
+#[derive(Debug, Default)]
+pub struct Gate {
+    lock: tokio::sync::Mutex<()>,
+    drain_waited: AtomicBool,
+}
+
+impl Gate {
+    /// Held for the whole exchange.
+    pub async fn exchange(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.lock.lock().await
+    }
+
+    /// Held by a drain while it stops accepting.
+    pub async fn before_drain(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        if let Ok(g) = self.lock.try_lock() {
+            return g;
+        }
+        self.drain_waited.store(true, Ordering::Relaxed);
+        tracing::info!("a handover is in progress: the drain waits for its outcome");
+        self.lock.lock().await
+    }
+
+    /// Whether a drain had to wait for an exchange.
+    pub fn drain_waited(&self) -> bool {
+        self.drain_waited.load(Ordering::Relaxed)
+    }
+}
 
 /// One listening socket and what it serves.
 #[derive(Debug, Clone, PartialEq, Eq)]

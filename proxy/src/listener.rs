@@ -65,6 +65,8 @@ pub struct ProxyHandle {
     pub handed_over: CancellationToken,
     /// Whether this proxy took its listening sockets from a predecessor.
     pub took_over: bool,
+    /// Orders a handover in progress and a drain.
+    pub handover: Arc<crate::handover::Gate>,
 }
 
 impl ProxyHandle {
@@ -81,7 +83,9 @@ impl ProxyHandle {
     /// Graceful stop (SIGTERM): stop accepting, let each client finish the
     /// transaction it is in (up to `bound`), then stop everything.
     pub async fn drain(self, bound: std::time::Duration) {
+        let exchange = self.handover.before_drain().await;
         self.accepting.cancel();
+        drop(exchange);
         self.shared.draining.cancel();
         self.tasks.close();
         self.sessions.close();
@@ -228,6 +232,7 @@ impl Proxy {
             unix_sockets: unix.iter().map(|(l, _)| l.file.path.clone()).collect(),
             handed_over,
             took_over,
+            handover: Default::default(),
         };
         // Also stopped by a handover: the successor answers from then on.
         let admin_stop = handle.shutdown.child_token();
@@ -235,7 +240,7 @@ impl Proxy {
             handle.tasks.spawn(offer_sockets(
                 listener,
                 offer,
-                handle.handed_over.clone(),
+                (handle.handed_over.clone(), handle.handover.clone()),
                 [handle.accepting.clone(), admin_stop.clone()],
             ));
         }
@@ -518,7 +523,7 @@ fn unix_inherited(
 async fn offer_sockets(
     listener: UnixSocket,
     mut offer: crate::handover::Offer,
-    handed_over: CancellationToken,
+    (handed_over, gate): (CancellationToken, Arc<crate::handover::Gate>),
     stop: [CancellationToken; 2],
 ) {
     let [accepting, admin] = stop;
@@ -533,6 +538,8 @@ async fn offer_sockets(
                 }
             },
         };
+        // A drain that comes now waits until the outcome is known.
+        let _exchange = gate.exchange().await;
         if accepting.is_cancelled() {
             // Draining already (SIGTERM): its socket files are going.
             return;

@@ -186,6 +186,56 @@ fn a_new_proxy_takes_the_listeners_without_refusing_a_connection_and_the_old_one
     );
 }
 
+/// A drain (SIGTERM) that comes while the old proxy hands its sockets
+/// over waits for the outcome: its Unix socket files stay when the
+/// successor took over (it serves them), and go when it failed.
+#[test]
+fn a_drain_during_a_handover_keeps_the_socket_files_only_if_the_successor_took_over() {
+    let (sb, pg) = primary("px-handover-drain");
+    for took_over in [true, false] {
+        let dir = sb.path().join(format!("took-{took_over}"));
+        std::fs::create_dir(&dir).unwrap();
+        let mut cfg = config(&pg, PoolMode::Transaction);
+        cfg.handover_socket = Some(dir.join("handover.sock"));
+        cfg.unix_socket_dir = Some(dir.clone());
+        let mut a = Running::start(cfg.clone());
+        let files = a.handle().unix_sockets.clone();
+        assert_eq!(files.len(), 2);
+        // A successor holds the sockets and has not said READY yet.
+        let mut taken = pgha_proxy::handover::take(&dir.join("handover.sock"))
+            .unwrap()
+            .unwrap();
+        let sockets = std::mem::take(&mut taken.sockets);
+        let old = a.proxy.take().unwrap();
+        let gate = old.handover.clone();
+        let drain = a.rt.spawn(old.drain(Duration::from_secs(5)));
+        wait_until(
+            "the drain waits for the handover",
+            Duration::from_secs(10),
+            || Ok(gate.drain_waited().then_some(())),
+        )
+        .unwrap();
+        assert!(files.iter().all(|f| f.exists()), "{files:?}");
+        let served = if took_over {
+            taken.ready().unwrap();
+            Some(sockets)
+        } else {
+            drop((taken, sockets));
+            None
+        };
+        a.rt.block_on(drain).unwrap();
+        for f in &files {
+            if took_over {
+                // Still the name of the socket the successor serves.
+                assert!(std::os::unix::net::UnixStream::connect(f).is_ok(), "{f:?}");
+            } else {
+                assert!(!f.exists(), "{f:?} left behind with nobody serving it");
+            }
+        }
+        drop(served);
+    }
+}
+
 #[test]
 fn the_binary_hands_over_and_the_old_process_exits() {
     let (sb, pg) = primary("px-handover-bin");
