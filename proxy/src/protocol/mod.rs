@@ -199,10 +199,12 @@ impl StartupParams {
 
     /// Protocol options asked for (`_pq_.name`): none is supported.
     pub fn protocol_options(&self) -> impl Iterator<Item = &str> {
-        let any = self.others;
+        // Not even one pass over the block when only the usual keys came.
+        let pairs = if self.others { usize::MAX } else { 0 };
         self.iter()
+            .take(pairs)
             .map(|(k, _)| k)
-            .filter(move |k| any && k.starts_with("_pq_."))
+            .filter(|k| k.starts_with("_pq_."))
     }
 
     /// Whether the client must be told, as a PostgreSQL 15 server tells
@@ -214,9 +216,9 @@ impl StartupParams {
     /// Those other parameters (`search_path`, `statement_timeout`,
     /// `extra_float_digits`, `replication`...), in the order sent.
     pub fn others(&self) -> impl Iterator<Item = (&str, &str)> {
-        let any = self.others;
-        self.iter().filter(move |(k, _)| {
-            any && !matches!(*k, "user" | "database" | "options") && crate::vars::index(k).is_none()
+        let pairs = if self.others { usize::MAX } else { 0 };
+        self.iter().take(pairs).filter(|(k, _)| {
+            !matches!(*k, "user" | "database" | "options") && crate::vars::index(k).is_none()
         })
     }
 }
