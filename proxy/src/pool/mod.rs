@@ -21,6 +21,8 @@ use crate::clock;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 mod pools;
+#[cfg(test)]
+mod tests;
 
 pub use pools::Pools;
 
@@ -290,7 +292,8 @@ impl Pool {
 
     /// A reusable idle connection and its slot, if there is one now. A
     /// connection without its own slot takes `held` (the caller's, if it
-    /// already has one) or a free one.
+    /// already has one) or a free one; with neither, the newest one that
+    /// kept its own slot is taken instead.
     fn take_idle(
         &self,
         held: &mut Option<OwnedSemaphorePermit>,
@@ -302,15 +305,22 @@ impl Pool {
             // for it, who would then open one more than pool_size.
             let (conn, slot, from_held) = {
                 let mut idle = lock(&self.idle);
-                let last = idle.last_mut()?;
-                let from_held = last.slot.is_none() && held.is_some();
-                let slot = match last.slot.take().or_else(|| held.take()) {
-                    Some(s) => s,
-                    // Its slot went to a waiting client, who takes it.
-                    None => self.slots.clone().try_acquire_owned().ok()?,
+                let last = idle.len().checked_sub(1)?;
+                let from_held = idle[last].slot.is_none() && held.is_some();
+                let (at, slot) = match idle[last].slot.take().or_else(|| held.take()) {
+                    Some(s) => (last, s),
+                    None => match self.slots.clone().try_acquire_owned() {
+                        Ok(s) => (last, s),
+                        // Its slot went to a waiting client, who takes it;
+                        // an older one may have kept its own (given back
+                        // while nobody waited, then covered by this one).
+                        Err(_) => {
+                            let at = idle.iter().rposition(|i| i.slot.is_some())?;
+                            (at, idle[at].slot.take()?)
+                        }
+                    },
                 };
-                let conn = idle.pop().map(|i| i.conn)?;
-                (conn, slot, from_held)
+                (idle.remove(at).conn, slot, from_held)
             };
             if self.reusable(&conn, now) {
                 return Some((conn, slot));
