@@ -147,12 +147,27 @@ pub fn respond(
 
 /// Serves the admin API on `listener` until `stop`.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+    let mut failures = crate::accept::Failures::default();
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = stop.cancelled() => return,
         };
-        let Ok((stream, _)) = accepted else { continue };
+        let stream = match accepted {
+            Ok((stream, _)) => {
+                failures.accepted("admin");
+                stream
+            }
+            Err(e) => {
+                if let Some(pause) = failures.failed(&e, "admin", &shared.metrics) {
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = stop.cancelled() => return,
+                    }
+                }
+                continue;
+            }
+        };
         let shared = shared.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {

@@ -7,6 +7,7 @@
 //! one backend connection, `pool` keeps them, `router`/`topology` decide
 //! where traffic goes, `protocol` parses bytes.
 
+pub mod accept;
 pub mod admin;
 pub mod auth;
 pub mod bell;

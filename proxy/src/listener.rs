@@ -399,6 +399,7 @@ async fn accept_loop<L, F>(
     // One wait for the stop, registered once, not once per client.
     let stop = accepting.cancelled();
     tokio::pin!(stop);
+    let mut failures = crate::accept::Failures::default();
     loop {
         let accepted = tokio::select! {
             biased;
@@ -409,9 +410,18 @@ async fn accept_loop<L, F>(
             // A TCP client's options are inherited from the listener (see
             // `sockopt`).
             Ok(stream) => {
+                failures.accepted(route.label());
                 tasks.spawn(serve(shared.clone(), stream, route));
             }
-            Err(e) => tracing::warn!(error = %e, "accept failed"),
+            Err(e) => {
+                if let Some(pause) = failures.failed(&e, route.label(), &shared.metrics) {
+                    tokio::select! {
+                        biased;
+                        _ = &mut stop => return,
+                        _ = tokio::time::sleep(pause) => {}
+                    }
+                }
+            }
         }
     }
 }

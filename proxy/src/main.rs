@@ -35,6 +35,11 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let cfg = pgha_proxy::Config::load(&args.config)
         .with_context(|| format!("loading {}", args.config.display()))?;
+    // A descriptor per client, per server connection, and a few more.
+    let needed = cfg.max_client_conn as u64 + cfg.pool_size as u64 + 64;
+    if let Some(limit) = pgha_proxy::accept::raise_nofile_limit(needed) {
+        tracing::info!(limit, "open-file limit");
+    }
     // One event loop by default, like PgBouncer: the least CPU per
     // transaction. `workers = N` trades CPU for throughput on many cores.
     let rt = if cfg.workers <= 1 {

@@ -30,9 +30,11 @@ pub enum ErrorKind {
     TooManyClients,
     /// A client idle past client_idle_timeout or idle_transaction_timeout.
     IdleTimeout,
+    /// A listener could not accept: out of file descriptors or memory.
+    Accept,
 }
 
-const ERROR_KINDS: [(ErrorKind, &str); 8] = [
+const ERROR_KINDS: [(ErrorKind, &str); 9] = [
     (ErrorKind::Auth, "auth"),
     (ErrorKind::Protocol, "protocol"),
     (ErrorKind::CheckoutTimeout, "checkout_timeout"),
@@ -41,6 +43,7 @@ const ERROR_KINDS: [(ErrorKind, &str); 8] = [
     (ErrorKind::LeaderChange, "leader_change"),
     (ErrorKind::TooManyClients, "too_many_clients"),
     (ErrorKind::IdleTimeout, "idle_timeout"),
+    (ErrorKind::Accept, "accept"),
 ];
 
 /// A counter the hot path bumps with one relaxed add, rendered by

@@ -431,3 +431,89 @@ fn unix_socket_clients_reach_both_routes_and_the_socket_files_are_managed() {
     let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
     assert!(left.is_empty(), "socket files left behind: {left:?}");
 }
+
+/// Out of file descriptors (a low open-file limit), the proxy does not
+/// spin on its listener (accept fails at once there, whether a client
+/// waits or not): it checks every 100 ms, warns once, and a client
+/// waiting in the backlog gets in as soon as another leaves.
+#[test]
+fn out_of_file_descriptors_the_listener_pauses_and_a_waiting_client_gets_in_once_one_leaves() {
+    let (sb, pg) = primary("px-nofile");
+    let dir = sb.subdir("proxy").unwrap();
+    let bin = binary_config(&dir, &pg, "auth_method = \"trust\"\npool_size = 2\n");
+    const LIMIT: usize = 48;
+    let mut cmd = Command::new("prlimit");
+    cmd.arg(format!("--nofile={LIMIT}:{LIMIT}"))
+        .arg("--")
+        .arg(env!("CARGO_BIN_EXE_pgha-proxy"))
+        .arg("--config")
+        .arg(&bin.path);
+    let log = dir.join("proxy.log");
+    let mut proc = Proc::spawn("pgha-proxy", cmd, &log, None, StopSignal::Term).unwrap();
+    let (rw, admin) = (bin.rw.get(), bin.admin.get());
+    wait_until("proxy up", Duration::from_secs(20), || {
+        Ok(psql(rw, "select 1", &[]).ok().map(|_| ()))
+    })
+    .unwrap();
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let count = |what: &str| text().matches(what).count();
+    assert!(text().contains("the open-file limit is below max_client_conn"));
+    let pid = proc.pid();
+    // Descriptors numbered below the limit (one inherited above it may
+    // be open too): all taken, accepting fails.
+    let open_fds = || {
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap();
+        let number = |e: std::fs::DirEntry| e.file_name().to_str()?.parse::<usize>().ok();
+        fds.filter_map(|e| number(e.ok()?))
+            .filter(|n| *n < LIMIT)
+            .count()
+    };
+    let rt = common::runtime();
+    let mut clients = Vec::new();
+    while open_fds() < LIMIT {
+        let c = rt.block_on(Running::client(rw));
+        rt.block_on(c.simple_query("select 1")).unwrap();
+        clients.push(c);
+        assert!(clients.len() < LIMIT, "the limit is not in force");
+    }
+    wait_until("the proxy warns", Duration::from_secs(10), || {
+        Ok((count("cannot accept clients") == 1).then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", text()));
+    // One more client waits in the listen backlog.
+    let waiting = Command::new("psql")
+        .args(["-XAtq", "-h", "127.0.0.1", "-p", &rw.to_string()])
+        .args(["-U", "postgres", "-d", "postgres", "-c", "select 42"])
+        .env("PGCONNECT_TIMEOUT", "60")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The proxy rests meanwhile: spinning on the listener would take a
+    // second of CPU time in this second.
+    let cpu = || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<u64> = after.split(' ').map(|x| x.parse().unwrap_or(0)).collect();
+        // utime and stime (fields 14 and 15), in clock ticks of 10 ms.
+        f[11] + f[12]
+    };
+    let before = cpu();
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu() - before;
+    assert!(used <= 20, "{used} ticks of CPU in one second");
+    assert_eq!(count("cannot accept clients"), 1, "warned once: {}", text());
+    // A client leaves: the waiting one gets in.
+    drop(clients.pop());
+    let out = waiting.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42", "{out:?}");
+    assert_eq!(count("accepting clients again"), 1, "{}", text());
+    drop(clients);
+    let metrics = http(admin, "GET", "/metrics", None);
+    assert!(
+        metric(&metrics, "pgha_proxy_errors_total{kind=\"accept\"}") >= 1.0,
+        "{metrics}"
+    );
+    proc.signal(nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert!(proc.wait_exit(Duration::from_secs(15)).unwrap().success());
+}
