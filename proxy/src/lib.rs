@@ -31,6 +31,7 @@ pub mod switchover;
 pub mod tls;
 pub mod topology;
 pub mod tracker;
+pub mod unix;
 pub mod vars;
 pub mod watch;
 

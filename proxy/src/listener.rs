@@ -3,16 +3,15 @@
 //! one session per client, and stops on a cancellation token. Tests run
 //! the proxy in-process through [`Proxy::start`].
 //! May call: `session`, `topology`, `config`, `auth` (loading users),
-//! `sockopt`.
+//! `sockopt`, `unix`, `handover`, `accept`.
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -21,6 +20,7 @@ use std::os::fd::OwnedFd;
 use crate::auth::{AuthError, Users};
 use crate::handover::{Listener, Role};
 use crate::router::{Route, RoutingTable};
+use crate::unix::{bind_unix, unix_inherited, UnixSocket};
 use crate::{Config, Shared};
 
 /// The proxy could not start.
@@ -348,38 +348,6 @@ impl Accept for UnixSocket {
     }
 }
 
-/// A Unix-domain listener and its socket file, removed when it is dropped
-/// (the accept loop ends, or the start fails) if it is still this
-/// listener's: a proxy started meanwhile may have replaced it.
-struct UnixSocket {
-    listener: UnixListener,
-    file: SocketFile,
-}
-
-struct SocketFile {
-    path: PathBuf,
-    /// (device, inode) of the file this listener made.
-    id: (u64, u64),
-    /// Cancelled when the socket was handed to a successor, who serves
-    /// the file now.
-    kept: CancellationToken,
-}
-
-impl Drop for SocketFile {
-    fn drop(&mut self) {
-        if self.kept.is_cancelled() {
-            return;
-        }
-        let ours =
-            std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.id);
-        if ours {
-            if let Err(e) = std::fs::remove_file(&self.path) {
-                tracing::warn!(path = ?self.path, error = %e, "cannot remove the socket file");
-            }
-        }
-    }
-}
-
 /// Accepts clients until the proxy stops accepting; each is served by a
 /// task of its own, `serve`.
 async fn accept_loop<L, F>(
@@ -426,62 +394,6 @@ async fn accept_loop<L, F>(
     }
 }
 
-/// Listens on `path` with permissions `mode` (the client sockets
-/// `<dir>/.s.PGSQL.<port>` open to every local user, as PostgreSQL's
-/// default `unix_socket_permissions`). A socket file left by a proxy that
-/// was killed is replaced; one a live process listens on, or a file that
-/// is not a socket, is left alone and refused, unless `replace` (the
-/// predecessor's, after a takeover).
-async fn bind_unix(
-    path: &Path,
-    mode: u32,
-    replace: bool,
-    kept: CancellationToken,
-) -> Result<UnixSocket, StartError> {
-    let path = path.to_owned();
-    let refuse = |reason: String| StartError::Unix {
-        path: path.clone(),
-        reason,
-    };
-    if let Ok(meta) = std::fs::symlink_metadata(&path) {
-        if !meta.file_type().is_socket() {
-            return Err(refuse("a file that is not a socket is in the way".into()));
-        }
-        if !replace {
-            // Stale only if nothing listens: a refused connection.
-            // Anything else (accepted, no permission, a full backlog) may
-            // be a live server's.
-            let probe = std::time::Duration::from_secs(1);
-            match tokio::time::timeout(probe, tokio::net::UnixStream::connect(&path)).await {
-                Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
-                Ok(Ok(_)) => return Err(refuse("another process listens on it".into())),
-                Ok(Err(e)) => return Err(refuse(format!("it may be in use ({e})"))),
-                Err(_) => {
-                    return Err(refuse(
-                        "another process listens on it (it did not answer)".into(),
-                    ))
-                }
-            }
-        }
-        std::fs::remove_file(&path)
-            .map_err(|e| refuse(format!("cannot remove the stale socket: {e}")))?;
-    }
-    let listener = UnixListener::bind(&path).map_err(|e| refuse(e.to_string()))?;
-    let file = socket_file(&path, kept).map_err(|e| refuse(e.to_string()))?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
-        .map_err(|e| refuse(e.to_string()))?;
-    Ok(UnixSocket { listener, file })
-}
-
-fn socket_file(path: &Path, kept: CancellationToken) -> std::io::Result<SocketFile> {
-    let meta = std::fs::symlink_metadata(path)?;
-    Ok(SocketFile {
-        path: path.to_owned(),
-        id: (meta.dev(), meta.ino()),
-        kept,
-    })
-}
-
 /// The predecessor's TCP listener `which` if it listens where `addr`
 /// says (port 0: any port), else a new one bound to `addr`.
 async fn tcp_listener(
@@ -502,30 +414,6 @@ async fn tcp_listener(
     TcpListener::bind(addr).await.map_err(failed)
 }
 
-/// The predecessor's Unix-domain listener for `route` at `path`, if it
-/// had one there.
-fn unix_inherited(
-    inherited: &mut Vec<(Role, OwnedFd)>,
-    route: Route,
-    path: &Path,
-    kept: CancellationToken,
-) -> Option<UnixSocket> {
-    let want = Role::Unix(route, path.to_owned());
-    let i = inherited.iter().position(|(r, _)| *r == want)?;
-    let l = std::os::unix::net::UnixListener::from(inherited.remove(i).1);
-    let made = l
-        .set_nonblocking(true)
-        .and_then(|()| UnixListener::from_std(l))
-        .and_then(|listener| Ok((listener, socket_file(path, kept)?)));
-    match made {
-        Ok((listener, file)) => Some(UnixSocket { listener, file }),
-        Err(e) => {
-            tracing::warn!(path = ?path, error = %e, "cannot use the predecessor's socket; binding anew");
-            None
-        }
-    }
-}
-
 /// Serves `handover_socket`: the first successor that asks gets the
 /// listening sockets, and once it serves them this proxy stops accepting
 /// clients and admin requests (`stop`; the caller then drains). Ends,
@@ -543,7 +431,13 @@ async fn offer_sockets(
             a = listener.listener.accept() => match a {
                 Ok((s, _)) => s,
                 Err(e) => {
-                    tracing::warn!(error = %e, "handover socket: accept failed");
+                    // Out of descriptors, say: not at once again (see `accept`).
+                    let pause = crate::accept::PAUSE;
+                    tracing::warn!(error = %e, "handover socket: accept failed; trying again in {pause:?}");
+                    tokio::select! {
+                        _ = accepting.cancelled() => return,
+                        _ = tokio::time::sleep(pause) => {}
+                    }
                     continue;
                 }
             },
