@@ -1,14 +1,16 @@
 //! What a listener does when accepting fails.
 //!
-//! A connection reset before it was accepted (ECONNABORTED) concerns only
-//! that client: the next one is accepted at once. Running out of file
-//! descriptors or kernel memory (EMFILE, ENFILE, ENOBUFS, ENOMEM) is
-//! different: the pending connection keeps the listener readable, so
-//! retrying at once would spin a core and starve every session on the
-//! event loop (the one way out, a client leaving, could not run). The
-//! listener pauses for [`PAUSE`] instead, and clients wait in the kernel's
-//! backlog until descriptors are freed, as PgBouncer does. One warning per
-//! episode; every failure counts in `pgha_proxy_errors_total{kind="accept"}`.
+//! An error that concerns one connection (reset or refused by a firewall
+//! before it was accepted: the network errors accept(2) passes on) is
+//! skipped and the next one accepted at once. Any other error would come
+//! back at once: running out of file descriptors or kernel memory
+//! (EMFILE, ENFILE, ENOBUFS, ENOMEM) fails every accept while the pending
+//! connection keeps the listener readable, so retrying at once would spin
+//! a core and starve every session on the event loop (the one way out, a
+//! client leaving, could not run). The listener pauses for [`PAUSE`]
+//! instead, and clients wait in the kernel's backlog until descriptors are
+//! freed, as PgBouncer does. One warning per episode; every failure counts
+//! in `pgha_proxy_errors_total{kind="accept"}`.
 //! May call: `metrics`.
 
 use std::time::Duration;
@@ -41,35 +43,57 @@ impl Failures {
         listener: &str,
         metrics: &Metrics,
     ) -> Option<Duration> {
-        let exhausted = matches!(
-            e.raw_os_error(),
-            Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-        );
-        if !exhausted {
+        let code = e.raw_os_error().unwrap_or_default();
+        let one_connection = [
+            libc::ECONNABORTED,
+            libc::EINTR,
+            libc::EPROTO,
+            libc::ENOPROTOOPT,
+            libc::ENETDOWN,
+            libc::EHOSTDOWN,
+            libc::ENONET,
+            libc::EHOSTUNREACH,
+            libc::EOPNOTSUPP,
+            libc::ENETUNREACH,
+            libc::ETIMEDOUT,
+            libc::EPERM,
+        ];
+        if one_connection.contains(&code) {
             tracing::debug!(listener, error = %e, "a connection was lost before it was accepted");
             return None;
         }
         metrics.error(ErrorKind::Accept);
         if !self.exhausted {
             self.exhausted = true;
-            tracing::warn!(
-                listener,
-                error = %e,
-                "cannot accept clients: out of file descriptors or memory; new clients wait in the listen backlog, retried every {PAUSE:?} (raise the open-file limit: LimitNOFILE=, ulimit -n)"
-            );
+            if [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM].contains(&code) {
+                tracing::warn!(
+                    listener,
+                    error = %e,
+                    "cannot accept clients: out of file descriptors or memory; new clients wait in the listen backlog, retried every {PAUSE:?} (raise the open-file limit: LimitNOFILE=, ulimit -n)"
+                );
+            } else {
+                tracing::warn!(listener, error = %e, "cannot accept clients; retried every {PAUSE:?}");
+            }
         }
         Some(PAUSE)
     }
 }
 
 /// Raises this process's soft open-file limit to its hard limit (what
-/// Go programs do at start; a shell's soft limit is often 1024) and warns
-/// when it stays below `needed`. Returns the limit in force.
+/// Go programs do at start; a shell's soft limit is often 1024), or to
+/// the kernel's `nr_open` when the hard limit is infinite, and warns when
+/// it stays below `needed`. Returns the limit in force.
 pub fn raise_nofile_limit(needed: u64) -> Option<u64> {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
-    let limit = if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+    let ceiling = if hard == libc::RLIM_INFINITY {
+        let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open").ok();
+        nr_open.and_then(|n| n.trim().parse().ok()).unwrap_or(soft)
+    } else {
         hard
+    };
+    let limit = if soft < ceiling && setrlimit(Resource::RLIMIT_NOFILE, ceiling, hard).is_ok() {
+        ceiling
     } else {
         soft
     };
@@ -77,7 +101,7 @@ pub fn raise_nofile_limit(needed: u64) -> Option<u64> {
         tracing::warn!(
             limit,
             needed,
-            "the open-file limit is below max_client_conn plus room for server connections: clients beyond it wait in the listen backlog (raise LimitNOFILE= or ulimit -n)"
+            "the open-file limit is below max_client_conn plus room for server connections (needed is a floor: each pool may open pool_size): clients beyond it wait in the listen backlog (raise LimitNOFILE= or ulimit -n)"
         );
     }
     Some(limit)
@@ -88,11 +112,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_running_out_of_resources_pauses_and_warns_once_per_episode() {
+    fn only_errors_of_one_connection_are_skipped_at_once_the_rest_pause() {
         let metrics = Metrics::new();
         let mut f = Failures::default();
         let aborted = std::io::Error::from_raw_os_error(libc::ECONNABORTED);
         assert_eq!(f.failed(&aborted, "rw", &metrics), None);
+        assert!(!f.exhausted);
+        // Anything else would come back at once too.
+        let einval = std::io::Error::from_raw_os_error(libc::EINVAL);
+        assert_eq!(f.failed(&einval, "rw", &metrics), Some(PAUSE));
+        f.accepted("rw");
         let emfile = std::io::Error::from_raw_os_error(libc::EMFILE);
         assert_eq!(f.failed(&emfile, "rw", &metrics), Some(PAUSE));
         assert!(f.exhausted);

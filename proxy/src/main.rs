@@ -35,8 +35,10 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let cfg = pgha_proxy::Config::load(&args.config)
         .with_context(|| format!("loading {}", args.config.display()))?;
-    // A descriptor per client, per server connection, and a few more.
-    let needed = cfg.max_client_conn as u64 + cfg.pool_size as u64 + 64;
+    // A descriptor per client, per server connection (at least a pool's
+    // worth, or the backend bound), and a few more.
+    let servers = cfg.pool_size.max(cfg.max_backend_connections);
+    let needed = cfg.max_client_conn as u64 + servers as u64 + 64;
     if let Some(limit) = pgha_proxy::accept::raise_nofile_limit(needed) {
         tracing::info!(limit, "open-file limit");
     }
