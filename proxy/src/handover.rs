@@ -47,8 +47,10 @@ pub const TIMEOUT: Duration = Duration::from_secs(5);
 /// Orders a handover exchange and the start of a drain: one waits for
 /// the other. A drain that began first refuses the exchange (its socket
 /// files are going); one that comes during an exchange waits for it to end
-/// (at most about [`READY_TIMEOUT`]), so the files stay if the successor
-/// took over and go if it failed.
+/// (at most [`TIMEOUT`] and [`READY_TIMEOUT`], when the successor hangs),
+/// so the files stay if the successor took over and go if it failed. A
+/// stop (SIGINT) does not wait: during an exchange it leaves the files
+/// (a stale one is replaced at the next start).
 #[derive(Debug, Default)]
 pub struct Gate {
     lock: tokio::sync::Mutex<()>,
@@ -69,6 +71,12 @@ impl Gate {
         self.drain_waited.store(true, Ordering::Relaxed);
         tracing::info!("a handover is in progress: the drain waits for its outcome");
         self.lock.lock().await
+    }
+
+    /// Held now, if no exchange runs: a stop (SIGINT) takes it so that
+    /// none begins while the listeners close.
+    pub fn try_hold(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        self.lock.try_lock().ok()
     }
 
     /// Whether a drain had to wait for an exchange.

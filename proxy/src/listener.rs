@@ -72,7 +72,14 @@ pub struct ProxyHandle {
 impl ProxyHandle {
     /// Stops at once: listeners and sessions end now.
     pub async fn stop(self) {
+        // During a handover the successor may serve the socket files a
+        // moment later: they stay.
+        let exchange = self.handover.try_hold();
+        if exchange.is_none() {
+            self.handed_over.cancel();
+        }
         self.shutdown.cancel();
+        drop(exchange);
         self.shared.bells.stop();
         self.tasks.close();
         self.sessions.close();
@@ -83,7 +90,12 @@ impl ProxyHandle {
     /// Graceful stop (SIGTERM): stop accepting, let each client finish the
     /// transaction it is in (up to `bound`), then stop everything.
     pub async fn drain(self, bound: std::time::Duration) {
-        let exchange = self.handover.before_drain().await;
+        // Not after a handover: the exchange is over (its task may not
+        // have let go of the gate yet).
+        let exchange = match self.handed_over.is_cancelled() {
+            true => None,
+            false => Some(self.handover.before_drain().await),
+        };
         self.accepting.cancel();
         drop(exchange);
         self.shared.draining.cancel();

@@ -188,7 +188,8 @@ fn a_new_proxy_takes_the_listeners_without_refusing_a_connection_and_the_old_one
 
 /// A drain (SIGTERM) that comes while the old proxy hands its sockets
 /// over waits for the outcome: its Unix socket files stay when the
-/// successor took over (it serves them), and go when it failed.
+/// successor took over (it serves them), and go when it failed. A stop
+/// (SIGINT) leaves them.
 #[test]
 fn a_drain_during_a_handover_keeps_the_socket_files_only_if_the_successor_took_over() {
     let (sb, pg) = primary("px-handover-drain");
@@ -234,6 +235,32 @@ fn a_drain_during_a_handover_keeps_the_socket_files_only_if_the_successor_took_o
         }
         drop(served);
     }
+    // A stop (SIGINT) does not wait, and leaves the files to the successor.
+    let dir = sb.path().join("stopped");
+    std::fs::create_dir(&dir).unwrap();
+    let mut cfg = config(&pg, PoolMode::Transaction);
+    cfg.handover_socket = Some(dir.join("handover.sock"));
+    cfg.unix_socket_dir = Some(dir.clone());
+    let mut a = Running::start(cfg);
+    let files = a.handle().unix_sockets.clone();
+    let mut taken = pgha_proxy::handover::take(&dir.join("handover.sock"))
+        .unwrap()
+        .unwrap();
+    let sockets = std::mem::take(&mut taken.sockets);
+    let old = a.proxy.take().unwrap();
+    let kept = old.handed_over.clone();
+    let stop = a.rt.spawn(old.stop());
+    // Marked before the listeners close, not once READY came.
+    wait_until("the files are kept", Duration::from_secs(10), || {
+        Ok(kept.is_cancelled().then_some(()))
+    })
+    .unwrap();
+    taken.ready().unwrap();
+    a.rt.block_on(stop).unwrap();
+    for f in &files {
+        assert!(std::os::unix::net::UnixStream::connect(f).is_ok(), "{f:?}");
+    }
+    drop(sockets);
 }
 
 #[test]
