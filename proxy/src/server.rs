@@ -115,14 +115,25 @@ pub struct Login {
     /// opened for it: clients with different options use different pools,
     /// so the settings hold in every transaction.
     pub options: String,
-    pub password: Option<String>,
+    pub secret: Secret,
+}
+
+/// What the proxy logs in to servers with, for one user. One word and a
+/// tag: every session keeps its login.
+#[derive(Clone, Default)]
+pub enum Secret {
+    /// Nothing: only servers that trust the user let it in.
+    #[default]
+    None,
+    /// The password: answers whatever a server asks.
+    Password(String),
     /// The md5 hash of the password (`md5...`, from the users file or
     /// auth_query) when the password itself is not known: it answers an
     /// md5 challenge, not SCRAM.
-    pub md5: Option<String>,
+    Md5(String),
     /// (ClientKey, ServerKey) for SCRAM without the password: recovered
-    /// from the client's own SCRAM login against an auth_query verifier.
-    pub scram_keys: Option<([u8; 32], [u8; 32])>,
+    /// from the client's own SCRAM login against a verifier.
+    ScramKeys(Box<([u8; 32], [u8; 32])>),
 }
 
 impl std::fmt::Debug for Login {
@@ -418,31 +429,38 @@ impl ServerConn {
     ) -> Result<(), ServerError> {
         let bad = || ServerError::Protocol("bad authentication request".into());
         let (code, data) = body.split_first_chunk::<4>().ok_or_else(bad)?;
-        let password = || login.password.as_deref().ok_or(ServerError::NoPassword);
         let mut out = BytesMut::new();
         match i32::from_be_bytes(*code) {
             0 => return Ok(()),
-            3 => msg::put_password(&mut out, password()?),
+            3 => match &login.secret {
+                Secret::Password(pw) => msg::put_password(&mut out, pw),
+                _ => return Err(ServerError::NoPassword),
+            },
             5 => {
                 let salt: [u8; 4] = data.try_into().map_err(|_| bad())?;
-                let stored = match (&login.password, &login.md5) {
-                    (Some(pw), _) => crate::auth::md5_stored(&login.user, pw),
-                    (None, Some(hash)) => hash.clone(),
-                    (None, None) => return Err(ServerError::NoPassword),
+                let stored = match &login.secret {
+                    Secret::Password(pw) => crate::auth::md5_stored(&login.user, pw),
+                    Secret::Md5(hash) => hash.clone(),
+                    Secret::ScramKeys(_) | Secret::None => return Err(ServerError::NoPassword),
                 };
                 msg::put_password(&mut out, &crate::auth::md5_salted(&stored, salt));
             }
             10 => {
-                let client = match (&login.password, login.scram_keys) {
-                    (Some(pw), _) => ScramClient::Password(ScramSha256::new(
+                let client = match &login.secret {
+                    Secret::Password(pw) => ScramClient::Password(ScramSha256::new(
                         pw.as_bytes(),
                         ChannelBinding::unsupported(),
                     )),
-                    (None, Some((ck, sk))) => ScramClient::Keys(
-                        crate::auth::scram::KeyClient::new(ck, sk, crate::auth::nonce()),
-                    ),
-                    (None, None) if login.md5.is_some() => return Err(ServerError::Md5ForScram),
-                    (None, None) => return Err(ServerError::NoPassword),
+                    Secret::ScramKeys(keys) => {
+                        let (ck, sk) = **keys;
+                        ScramClient::Keys(crate::auth::scram::KeyClient::new(
+                            ck,
+                            sk,
+                            crate::auth::nonce(),
+                        ))
+                    }
+                    Secret::Md5(_) => return Err(ServerError::Md5ForScram),
+                    Secret::None => return Err(ServerError::NoPassword),
                 };
                 let first = match &client {
                     ScramClient::Password(c) => c.message().to_vec(),

@@ -115,6 +115,15 @@ impl Users {
             }
             let (name, rest) = quoted(t).ok_or(i + 1)?;
             let (secret, _) = quoted(rest).ok_or(i + 1)?;
+            let hex = secret.strip_prefix("md5").map(str::as_bytes);
+            if hex.is_some_and(|h| h.len() == 32 && h.iter().all(u8::is_ascii_hexdigit))
+                && !is_md5_hash(&secret)
+            {
+                tracing::warn!(
+                    user = name,
+                    "users file: this secret looks like an md5 hash with capital letters, which PostgreSQL and the proxy take for a plaintext password: write the hash in lowercase"
+                );
+            }
             users.insert(name, UserSecret::new(&secret));
         }
         Ok(Users { users })
@@ -153,6 +162,21 @@ impl UserSecret {
             md5: None,
             scram: Some(k),
         })
+    }
+
+    /// What the proxy logs in to servers with: the password, else the md5
+    /// hash, else the keys recovered from the client's SCRAM login
+    /// (`client_key`) with this verifier's ServerKey.
+    pub fn for_servers(&self, client_key: Option<[u8; 32]>) -> crate::server::Secret {
+        use crate::server::Secret;
+        match (&self.password, &self.md5, client_key, &self.scram) {
+            (Some(pw), ..) => Secret::Password(pw.clone()),
+            (None, Some(hash), ..) => Secret::Md5(hash.clone()),
+            (None, None, Some(ck), Some(keys)) => {
+                Secret::ScramKeys(Box::new((ck, keys.server_key)))
+            }
+            _ => Secret::None,
+        }
     }
 
     /// The md5 hash of `user`'s password, if the proxy knows it.
@@ -247,18 +271,65 @@ pub async fn authenticate<C: AsyncRead + AsyncWrite + Unpin>(
     let secret = match (method, secret) {
         (AuthMethod::Trust, s) => return trust(s, known_only, user),
         (_, Some(s)) => s,
-        (_, None) => return Err(AuthError::UnknownUser(user.to_owned())),
+        // The exchange runs as for a user that exists and fails at its
+        // end, as PostgreSQL's mock authentication: a client cannot tell
+        // which users exist.
+        (AuthMethod::Md5, None) => {
+            let r = md5(client, buf, None).await;
+            return Err(refused(r, AuthError::UnknownUser(user.to_owned())));
+        }
+        (AuthMethod::ScramSha256, None) => {
+            let r = scram(client, buf, mock_scram_keys(user), binding).await;
+            return Err(refused(r, AuthError::UnknownUser(user.to_owned())));
+        }
     };
-    match method {
+    match (method, &secret.scram) {
         // Answered above.
-        AuthMethod::Trust => Ok(None),
+        (AuthMethod::Trust, _) => Ok(None),
         // A user known only by a SCRAM verifier logs in with SCRAM, as
         // PostgreSQL's md5 method does for such users.
-        AuthMethod::Md5 if secret.password.is_none() && secret.md5.is_none() => {
-            scram(client, buf, secret, binding).await.map(Some)
+        (AuthMethod::Md5, Some(keys)) if secret.password.is_none() && secret.md5.is_none() => {
+            scram(client, buf, keys.clone(), binding).await.map(Some)
         }
-        AuthMethod::Md5 => md5(client, buf, secret, user).await.map(|_| None),
-        AuthMethod::ScramSha256 => scram(client, buf, secret, binding).await.map(Some),
+        (AuthMethod::Md5, _) => md5(client, buf, secret.md5_for(user)).await.map(|_| None),
+        (AuthMethod::ScramSha256, Some(keys)) => {
+            scram(client, buf, keys.clone(), binding).await.map(Some)
+        }
+        // Only an md5 hash: refused at the end of a mock exchange, as
+        // PostgreSQL refuses it.
+        (AuthMethod::ScramSha256, None) => {
+            let r = scram(client, buf, mock_scram_keys(user), binding).await;
+            Err(refused(r, AuthError::NoScramSecret))
+        }
+    }
+}
+
+/// Why a mock exchange (see `authenticate`) ends in a refusal: the client
+/// went away or broke the protocol, or else the real `reason`.
+fn refused<T>(exchange: Result<T, AuthError>, reason: AuthError) -> AuthError {
+    match exchange {
+        Err(e @ (AuthError::Closed | AuthError::Io(_) | AuthError::Protocol(_))) => e,
+        _ => reason,
+    }
+}
+
+/// A SCRAM verifier no password matches, for a user whose login cannot
+/// succeed. Its salt is the same for a name on every try, as a real
+/// user's is (a hash of a secret drawn once per process and the name), so
+/// a client cannot tell it from a real one by asking twice.
+fn mock_scram_keys(user: &str) -> ScramKeys {
+    use sha2::{Digest, Sha256};
+    static SECRET: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+    let secret = SECRET.get_or_init(|| rand::thread_rng().gen());
+    let salt = Sha256::new()
+        .chain_update(secret)
+        .chain_update(user.as_bytes())
+        .finalize();
+    ScramKeys {
+        iterations: 4096,
+        salt: salt[..16].to_vec(),
+        stored_key: rand::thread_rng().gen(),
+        server_key: rand::thread_rng().gen(),
     }
 }
 
@@ -275,11 +346,12 @@ pub fn trust(
     }
 }
 
+/// The md5 exchange against `stored` (the user's md5 hash); with none,
+/// the exchange runs and fails.
 async fn md5<C: AsyncRead + AsyncWrite + Unpin>(
     client: &mut C,
     buf: &mut BytesMut,
-    secret: &UserSecret,
-    user: &str,
+    stored: Option<String>,
 ) -> Result<(), AuthError> {
     let mut out = BytesMut::new();
     let salt: [u8; 4] = rand::thread_rng().gen();
@@ -287,23 +359,18 @@ async fn md5<C: AsyncRead + AsyncWrite + Unpin>(
     client.write_all(&out).await?;
     let body = read_password_msg(client, buf).await?;
     let (answer, _) = msg::cstr(&body).ok_or(AuthError::Protocol("bad md5".into()))?;
-    let Some(stored) = secret.md5_for(user) else {
-        return Err(AuthError::WrongPassword);
-    };
-    if answer == md5_salted(&stored, salt) {
-        Ok(())
-    } else {
-        Err(AuthError::WrongPassword)
+    match stored {
+        Some(stored) if answer == md5_salted(&stored, salt) => Ok(()),
+        _ => Err(AuthError::WrongPassword),
     }
 }
 
 async fn scram<C: AsyncRead + AsyncWrite + Unpin>(
     client: &mut C,
     buf: &mut BytesMut,
-    secret: &UserSecret,
+    keys: ScramKeys,
     binding: Option<&[u8]>,
 ) -> Result<[u8; 32], AuthError> {
-    let keys = secret.scram.clone().ok_or(AuthError::NoScramSecret)?;
     let mut out = BytesMut::new();
     let offered: &[&str] = match binding {
         Some(_) => &[scram::PLUS, scram::PLAIN],
@@ -380,15 +447,110 @@ mod tests {
         assert_eq!(bob.md5_for("bob"), Some(md5_stored("bob", "pw")));
     }
 
-    #[tokio::test]
-    async fn an_md5_hash_cannot_check_a_scram_login() {
-        let users = Users::parse(&format!("\"alice\" \"{}\"", md5_stored("alice", "pw"))).unwrap();
-        let (mut a, _b) = tokio::io::duplex(4096);
+    /// The next Authentication message's code and data.
+    async fn auth_request(b: &mut tokio::io::DuplexStream, buf: &mut BytesMut) -> (i32, Vec<u8>) {
+        let f = loop {
+            if let Some(f) = split_frame(buf, 1000).unwrap() {
+                break f;
+            }
+            assert!(b.read_buf(buf).await.unwrap() > 0, "closed");
+        };
+        assert_eq!(f.tag(), b'R');
+        let (code, data) = f.body().split_at(4);
+        (i32::from_be_bytes(code.try_into().unwrap()), data.to_vec())
+    }
+
+    /// Logs in as `user` with SCRAM and a password: the outcome, and the
+    /// server-first-message the client got.
+    async fn scram_try(
+        secret: Option<UserSecret>,
+        user: &str,
+    ) -> (Result<Option<[u8; 32]>, AuthError>, String) {
+        use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+        let (mut a, mut b) = tokio::io::duplex(4096);
+        let user_owned = user.to_owned();
+        let server = tokio::spawn(async move {
+            let mut buf = BytesMut::new();
+            let method = AuthMethod::ScramSha256;
+            authenticate(
+                &mut a,
+                &mut buf,
+                method,
+                secret.as_ref(),
+                true,
+                &user_owned,
+                None,
+            )
+            .await
+        });
         let mut buf = BytesMut::new();
-        let secret = users.get("alice");
-        let method = AuthMethod::ScramSha256;
-        let r = authenticate(&mut a, &mut buf, method, secret, true, "alice", None).await;
+        assert_eq!(
+            auth_request(&mut b, &mut buf).await.0,
+            10,
+            "AuthenticationSASL"
+        );
+        let mut client = ScramSha256::new(b"pw", ChannelBinding::unsupported());
+        let mut out = BytesMut::new();
+        msg::put_sasl_initial(&mut out, "SCRAM-SHA-256", client.message());
+        b.write_all(&out).await.unwrap();
+        let (code, first) = auth_request(&mut b, &mut buf).await;
+        assert_eq!(code, 11, "AuthenticationSASLContinue");
+        client.update(&first).unwrap();
+        out.clear();
+        msg::put_sasl_response(&mut out, client.message());
+        b.write_all(&out).await.unwrap();
+        let r = server.await.unwrap();
+        (r, String::from_utf8(first).unwrap())
+    }
+
+    #[tokio::test]
+    async fn logins_that_cannot_succeed_run_the_whole_exchange_as_postgres_does() {
+        let salt = |first: &str| {
+            first
+                .split(',')
+                .find(|a| a.starts_with("s="))
+                .unwrap()
+                .to_owned()
+        };
+        // An md5 hash cannot check a SCRAM login.
+        let users = Users::parse(&format!("\"alice\" \"{}\"", md5_stored("alice", "pw"))).unwrap();
+        let (r, _) = scram_try(users.get("alice").cloned(), "alice").await;
         assert!(matches!(r, Err(AuthError::NoScramSecret)), "{r:?}");
+        // An unknown user gets a salt like a real one, the same each time.
+        let (r, first) = scram_try(None, "nobody").await;
+        assert!(matches!(r, Err(AuthError::UnknownUser(_))), "{r:?}");
+        let (_, again) = scram_try(None, "nobody").await;
+        assert_eq!(salt(&first), salt(&again));
+        let (_, other) = scram_try(None, "somebody").await;
+        assert_ne!(salt(&first), salt(&other));
+        // The right password of a real user gets in through the same steps.
+        let users = Users::parse("\"bob\" \"pw\"").unwrap();
+        let (r, _) = scram_try(users.get("bob").cloned(), "bob").await;
+        assert!(r.unwrap().is_some());
+        // md5: the challenge, then the refusal.
+        let (mut a, mut b) = tokio::io::duplex(4096);
+        let server = tokio::spawn(async move {
+            let mut buf = BytesMut::new();
+            authenticate(
+                &mut a,
+                &mut buf,
+                AuthMethod::Md5,
+                None,
+                true,
+                "nobody",
+                None,
+            )
+            .await
+        });
+        let mut buf = BytesMut::new();
+        let (code, salt) = auth_request(&mut b, &mut buf).await;
+        assert_eq!(code, 5, "AuthenticationMD5Password");
+        let mut out = BytesMut::new();
+        let salt: [u8; 4] = salt.try_into().unwrap();
+        msg::put_password(&mut out, &md5_salted(&md5_stored("nobody", "pw"), salt));
+        b.write_all(&out).await.unwrap();
+        let r = server.await.unwrap();
+        assert!(matches!(r, Err(AuthError::UnknownUser(_))), "{r:?}");
     }
 
     #[test]
@@ -396,20 +558,25 @@ mod tests {
         let u = Users::parse("\"alice\" \"hunter2\"").unwrap();
         assert!(!format!("{u:?}").contains("hunter2"));
         // Nor a login's (pools are Debug and hold one).
-        let login = crate::server::Login {
-            user: "alice".into(),
-            database: "db".into(),
-            options: String::new(),
-            password: Some("hunter2".into()),
-            md5: Some(md5_stored("alice", "hunter2")),
-            scram_keys: Some(([7; 32], [9; 32])),
-        };
-        let text = format!("{login:?}");
-        assert!(
-            text.contains("alice") && !text.contains("hunter2"),
-            "{text}"
-        );
-        assert!(!text.contains("md5") && !text.contains("7, 7"), "{text}");
+        use crate::server::Secret;
+        for secret in [
+            Secret::Password("hunter2".into()),
+            Secret::Md5(md5_stored("alice", "hunter2")),
+            Secret::ScramKeys(Box::new(([7; 32], [9; 32]))),
+        ] {
+            let login = crate::server::Login {
+                user: "alice".into(),
+                database: "db".into(),
+                options: String::new(),
+                secret,
+            };
+            let text = format!("{login:?}");
+            assert!(
+                text.contains("alice") && !text.contains("hunter2"),
+                "{text}"
+            );
+            assert!(!text.contains("md5") && !text.contains("7, 7"), "{text}");
+        }
     }
 
     #[tokio::test]

@@ -7,7 +7,7 @@
 //! call: `server` (one short-lived connection), `topology`.
 
 use super::{AuthError, UserSecret};
-use crate::server::{Login, ServerConn};
+use crate::server::{Login, Secret, ServerConn};
 use crate::Shared;
 
 /// `'name'` with embedded quotes doubled.
@@ -36,9 +36,7 @@ pub async fn lookup(shared: &Shared, user: &str) -> Result<Option<UserSecret>, A
         user: auth_user.clone(),
         database: cfg.auth_database.clone(),
         options: String::new(),
-        password: secret.and_then(|s| s.password.clone()),
-        md5: secret.and_then(|s| s.md5.clone()),
-        scram_keys: None,
+        secret: secret.map_or(Secret::None, |s| s.for_servers(None)),
     };
     let opts = shared.pools.connect_opts();
     let mut conn = Box::pin(ServerConn::connect(leader, &login, &opts))

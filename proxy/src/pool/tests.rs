@@ -43,9 +43,7 @@ fn a_client_without_a_slot_takes_an_older_idle_connection_that_kept_its_own() {
         user: "postgres".into(),
         database: "postgres".into(),
         options: String::new(),
-        password: None,
-        md5: None,
-        scram_keys: None,
+        secret: Default::default(),
     };
     let pool = shared.pools.get(&leader, &login, Route::ReadWrite);
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -158,9 +158,7 @@ fn a_connection_made_for_min_idle_is_not_kept_by_a_pool_retired_meanwhile() {
         user: "postgres".into(),
         database: "postgres".into(),
         options: String::new(),
-        password: None,
-        md5: None,
-        scram_keys: None,
+        secret: Default::default(),
     };
     let pool = shared.pools.get(&leader, &login, Route::ReadWrite);
     let rt = tokio::runtime::Builder::new_current_thread()
