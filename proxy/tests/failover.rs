@@ -137,7 +137,12 @@ fn session_clients_pinned_to_the_old_primary_are_closed_with_a_fatal_error() {
         err.code() == Some(&tokio_postgres::error::SqlState::ADMIN_SHUTDOWN) || client.is_closed(),
         "{err:?}"
     );
-    assert!(client.is_closed());
+    // The FATAL reaches the query before the connection task has read
+    // the close that follows it.
+    wait_until("the client is closed", Duration::from_secs(10), || {
+        Ok(client.is_closed().then_some(()))
+    })
+    .unwrap();
     let fresh = p.rt.block_on(Running::client(port));
     let row =
         p.rt.block_on(fresh.query_one("select inet_server_port()", &[]))
