@@ -49,8 +49,9 @@ pub const TIMEOUT: Duration = Duration::from_secs(5);
 /// files are going); one that comes during an exchange waits for it to end
 /// (at most [`TIMEOUT`] and [`READY_TIMEOUT`], when the successor hangs),
 /// so the files stay if the successor took over and go if it failed. A
-/// stop (SIGINT) does not wait: during an exchange it leaves the files
-/// (a stale one is replaced at the next start).
+/// stop (SIGINT) during an exchange marks the files kept before its
+/// listeners close (a stale one is replaced at the next start); it still
+/// waits for the exchange's task to end, as for every task.
 #[derive(Debug, Default)]
 pub struct Gate {
     lock: tokio::sync::Mutex<()>,

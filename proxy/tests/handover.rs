@@ -235,7 +235,7 @@ fn a_drain_during_a_handover_keeps_the_socket_files_only_if_the_successor_took_o
         }
         drop(served);
     }
-    // A stop (SIGINT) does not wait, and leaves the files to the successor.
+    // A stop (SIGINT) leaves the files to the successor.
     let dir = sb.path().join("stopped");
     std::fs::create_dir(&dir).unwrap();
     let mut cfg = config(&pg, PoolMode::Transaction);
