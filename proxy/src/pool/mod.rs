@@ -22,7 +22,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 mod pools;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub use pools::Pools;
 

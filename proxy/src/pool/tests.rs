@@ -13,27 +13,26 @@ use crate::config::{AuthMethod, BackendRole, Config, StaticBackend};
 use crate::router::{Route, RoutingTable};
 use crate::server::Login;
 
-/// A connection given back while nobody waited kept its slot; one given
-/// back on top of it while a client waited gave its slot to that client,
-/// who has not taken it yet. A client without a slot then finds the top
-/// one slotless and no slot free: it must take the older one, not wait
-/// for a slot while a connection idles (until `checkout_timeout`, when
-/// nobody else gives one back).
-#[test]
-fn a_client_without_a_slot_takes_an_older_idle_connection_that_kept_its_own() {
-    let sb = Sandbox::new("px-pool-idle").unwrap();
-    let pg = PgInstance::primary(&sb, "pg1", &PgOptions::default()).unwrap();
+use super::Pool;
+
+/// `pg` as a static primary backend.
+pub(crate) fn backend(pg: &PgInstance) -> StaticBackend {
+    StaticBackend {
+        name: pg.name().into(),
+        host: "127.0.0.1".into(),
+        port: pg.port(),
+        role: BackendRole::Primary,
+        noloadbalance: false,
+    }
+}
+
+/// The read-write pool of user and database postgres on `pg`, the only
+/// backend, with `cfg`'s other settings and trust.
+pub(crate) fn primary_pool(pg: &PgInstance, cfg: Config) -> (crate::Shared, Arc<Pool>) {
     let cfg = Config {
         auth_method: AuthMethod::Trust,
-        pool_size: 2,
-        backends: vec![StaticBackend {
-            name: pg.name().into(),
-            host: "127.0.0.1".into(),
-            port: pg.port(),
-            role: BackendRole::Primary,
-            noloadbalance: false,
-        }],
-        ..Config::default()
+        backends: vec![backend(pg)],
+        ..cfg
     };
     let table = RoutingTable::from_static(&cfg.backends);
     let shared = crate::Shared::new(Arc::new(cfg.clone()), None, table);
@@ -46,6 +45,24 @@ fn a_client_without_a_slot_takes_an_older_idle_connection_that_kept_its_own() {
         secret: Default::default(),
     };
     let pool = shared.pools.get(&leader, &login, Route::ReadWrite);
+    (shared, pool)
+}
+
+/// A connection given back while nobody waited kept its slot; one given
+/// back on top of it while a client waited gave its slot to that client,
+/// who has not taken it yet. A client without a slot then finds the top
+/// one slotless and no slot free: it must take the older one, not wait
+/// for a slot while a connection idles (until `checkout_timeout`, when
+/// nobody else gives one back).
+#[test]
+fn a_client_without_a_slot_takes_an_older_idle_connection_that_kept_its_own() {
+    let sb = Sandbox::new("px-pool-idle").unwrap();
+    let pg = PgInstance::primary(&sb, "pg1", &PgOptions::default()).unwrap();
+    let cfg = Config {
+        pool_size: 2,
+        ..Config::default()
+    };
+    let (_shared, pool) = primary_pool(&pg, cfg);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -13,19 +13,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
 use super::startup::{handshake, Link};
 use super::*;
-use crate::config::{AuthMethod, BackendRole, Config, StaticBackend};
+use crate::config::{AuthMethod, Config};
+use crate::pool::tests::{backend, primary_pool};
 use crate::protocol::split_frame;
 use crate::router::RoutingTable;
-
-fn backend(pg: &PgInstance) -> StaticBackend {
-    StaticBackend {
-        name: pg.name().into(),
-        host: "127.0.0.1".into(),
-        port: pg.port(),
-        role: BackendRole::Primary,
-        noloadbalance: false,
-    }
-}
 
 /// Messages from the proxy up to the next ReadyForQuery: (tag, body).
 async fn until_ready(app: &mut DuplexStream, buf: &mut BytesMut) -> Vec<(u8, Vec<u8>)> {
@@ -145,22 +136,10 @@ fn a_connection_made_for_min_idle_is_not_kept_by_a_pool_retired_meanwhile() {
     let sb = Sandbox::new("px-retire-race").unwrap();
     let pg = PgInstance::primary(&sb, "pg1", &PgOptions::default()).unwrap();
     let cfg = Config {
-        auth_method: AuthMethod::Trust,
         min_idle: 1,
-        backends: vec![backend(&pg)],
         ..Config::default()
     };
-    let table = RoutingTable::from_static(&cfg.backends);
-    let shared = crate::Shared::new(Arc::new(cfg.clone()), None, table);
-    shared.pools.set_config(Arc::new(cfg), None, false);
-    let leader = shared.topology.load().leader.clone().unwrap();
-    let login = crate::server::Login {
-        user: "postgres".into(),
-        database: "postgres".into(),
-        options: String::new(),
-        secret: Default::default(),
-    };
-    let pool = shared.pools.get(&leader, &login, Route::ReadWrite);
+    let (_shared, pool) = primary_pool(&pg, cfg);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
