@@ -186,6 +186,34 @@ fn a_new_proxy_takes_the_listeners_without_refusing_a_connection_and_the_old_one
     );
 }
 
+/// A proxy with Unix sockets in `sb`/`name`, and a successor that holds
+/// its sockets without having said READY: the proxy, its two socket
+/// files, the exchange and the sockets taken.
+fn mid_handover(
+    sb: &pgha_local::Sandbox,
+    pg: &pgha_local::PgInstance,
+    name: &str,
+) -> (
+    Running,
+    Vec<std::path::PathBuf>,
+    pgha_proxy::handover::Taken,
+    Vec<(pgha_proxy::handover::Role, std::os::fd::OwnedFd)>,
+) {
+    let dir = sb.path().join(name);
+    std::fs::create_dir(&dir).unwrap();
+    let mut cfg = config(pg, PoolMode::Transaction);
+    cfg.handover_socket = Some(dir.join("handover.sock"));
+    cfg.unix_socket_dir = Some(dir.clone());
+    let a = Running::start(cfg);
+    let files = a.handle().unix_sockets.clone();
+    assert_eq!(files.len(), 2);
+    let mut taken = pgha_proxy::handover::take(&dir.join("handover.sock"))
+        .unwrap()
+        .unwrap();
+    let sockets = std::mem::take(&mut taken.sockets);
+    (a, files, taken, sockets)
+}
+
 /// A drain (SIGTERM) that comes while the old proxy hands its sockets
 /// over waits for the outcome: its Unix socket files stay when the
 /// successor took over (it serves them), and go when it failed. A stop
@@ -194,19 +222,7 @@ fn a_new_proxy_takes_the_listeners_without_refusing_a_connection_and_the_old_one
 fn a_drain_during_a_handover_keeps_the_socket_files_only_if_the_successor_took_over() {
     let (sb, pg) = primary("px-handover-drain");
     for took_over in [true, false] {
-        let dir = sb.path().join(format!("took-{took_over}"));
-        std::fs::create_dir(&dir).unwrap();
-        let mut cfg = config(&pg, PoolMode::Transaction);
-        cfg.handover_socket = Some(dir.join("handover.sock"));
-        cfg.unix_socket_dir = Some(dir.clone());
-        let mut a = Running::start(cfg.clone());
-        let files = a.handle().unix_sockets.clone();
-        assert_eq!(files.len(), 2);
-        // A successor holds the sockets and has not said READY yet.
-        let mut taken = pgha_proxy::handover::take(&dir.join("handover.sock"))
-            .unwrap()
-            .unwrap();
-        let sockets = std::mem::take(&mut taken.sockets);
+        let (mut a, files, taken, sockets) = mid_handover(&sb, &pg, &format!("took-{took_over}"));
         let old = a.proxy.take().unwrap();
         let gate = old.handover.clone();
         let drain = a.rt.spawn(old.drain(Duration::from_secs(5)));
@@ -236,17 +252,7 @@ fn a_drain_during_a_handover_keeps_the_socket_files_only_if_the_successor_took_o
         drop(served);
     }
     // A stop (SIGINT) leaves the files to the successor.
-    let dir = sb.path().join("stopped");
-    std::fs::create_dir(&dir).unwrap();
-    let mut cfg = config(&pg, PoolMode::Transaction);
-    cfg.handover_socket = Some(dir.join("handover.sock"));
-    cfg.unix_socket_dir = Some(dir.clone());
-    let mut a = Running::start(cfg);
-    let files = a.handle().unix_sockets.clone();
-    let mut taken = pgha_proxy::handover::take(&dir.join("handover.sock"))
-        .unwrap()
-        .unwrap();
-    let sockets = std::mem::take(&mut taken.sockets);
+    let (mut a, files, taken, sockets) = mid_handover(&sb, &pg, "stopped");
     let old = a.proxy.take().unwrap();
     let kept = old.handed_over.clone();
     let stop = a.rt.spawn(old.stop());
