@@ -85,6 +85,14 @@ fn median<T: Copy + PartialOrd>(mut v: Vec<T>) -> Option<T> {
     v.get(v.len() / 2).copied()
 }
 
+/// The order the targets run in round `round`: rotated by one each round,
+/// so no target always runs right after the same other one (a run leaves
+/// work behind, such as its pgbench log's writeback, that the next run
+/// pays for) or always first.
+fn round_order(targets: usize, round: usize) -> impl Iterator<Item = usize> {
+    (0..targets).map(move |k| (k + round) % targets)
+}
+
 /// Runs every scenario `runs` times on every target (interleaved, so drift
 /// in machine load hits all targets alike) and returns the medians.
 pub fn run_matrix(
@@ -98,8 +106,9 @@ pub fn run_matrix(
         let mut per_target: Vec<Vec<(pgbench::PgbenchResult, Option<PerTx>)>> =
             vec![Vec::new(); targets.len()];
         let mut errors: Vec<Option<String>> = vec![None; targets.len()];
-        for _ in 0..runs {
-            for (i, t) in targets.iter().enumerate() {
+        for round in 0..runs {
+            for i in round_order(targets.len(), round) {
+                let t = &targets[i];
                 if errors[i].is_some() {
                     continue;
                 }
@@ -266,6 +275,15 @@ pub fn render_paired(rows: &[Row], reference: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_round_runs_every_target_once_and_rotates() {
+        let rounds: Vec<Vec<usize>> = (0..4).map(|r| round_order(3, r).collect()).collect();
+        assert_eq!(rounds[0], [0, 1, 2]);
+        assert_eq!(rounds[1], [1, 2, 0]);
+        assert_eq!(rounds[2], [2, 0, 1]);
+        assert_eq!(rounds[3], [0, 1, 2]);
+    }
 
     #[test]
     fn median_of_odd_and_even_counts() {
