@@ -10,7 +10,10 @@
 //! client leaving, could not run). The listener pauses for [`PAUSE`]
 //! instead, and clients wait in the kernel's backlog until descriptors are
 //! freed, as PgBouncer does. One warning per episode; every failure counts
-//! in `pgha_proxy_errors_total{kind="accept"}`.
+//! in `pgha_proxy_errors_total{kind="accept"}`. A per-connection error
+//! that keeps coming with no client accepted in between ([`MAX_SKIPS`] in
+//! a row: EPERM from a security module that refuses every connection, say)
+//! is no longer one connection's: it pauses too.
 //! May call: `metrics`.
 
 use std::time::Duration;
@@ -20,16 +23,23 @@ use crate::metrics::{ErrorKind, Metrics};
 /// How long a listener rests after running out of descriptors or memory.
 pub const PAUSE: Duration = Duration::from_millis(100);
 
+/// Per-connection errors in a row, with no client accepted, that are
+/// skipped at once; the next ones pause.
+pub const MAX_SKIPS: u32 = 64;
+
 /// One listener's failures to accept.
 #[derive(Debug, Default)]
 pub struct Failures {
     /// Accepting fails for want of resources since the last success.
     exhausted: bool,
+    /// Per-connection errors skipped since the last success.
+    skipped: u32,
 }
 
 impl Failures {
     /// After a client was accepted.
     pub fn accepted(&mut self, listener: &str) {
+        self.skipped = 0;
         if self.exhausted {
             self.exhausted = false;
             tracing::info!(listener, "accepting clients again");
@@ -58,7 +68,8 @@ impl Failures {
             libc::ETIMEDOUT,
             libc::EPERM,
         ];
-        if one_connection.contains(&code) {
+        if one_connection.contains(&code) && self.skipped < MAX_SKIPS {
+            self.skipped += 1;
             tracing::debug!(listener, error = %e, "a connection was lost before it was accepted");
             return None;
         }
@@ -128,5 +139,21 @@ mod tests {
         assert_eq!(f.failed(&emfile, "rw", &metrics), Some(PAUSE));
         f.accepted("rw");
         assert!(!f.exhausted);
+    }
+
+    #[test]
+    fn a_per_connection_error_that_keeps_coming_pauses() {
+        let metrics = Metrics::new();
+        let mut f = Failures::default();
+        let eperm = std::io::Error::from_raw_os_error(libc::EPERM);
+        for _ in 0..MAX_SKIPS {
+            assert_eq!(f.failed(&eperm, "rw", &metrics), None);
+        }
+        assert_eq!(f.failed(&eperm, "rw", &metrics), Some(PAUSE));
+        assert!(f.exhausted);
+        assert_eq!(f.failed(&eperm, "rw", &metrics), Some(PAUSE));
+        // A client got in: the next such error is one connection's again.
+        f.accepted("rw");
+        assert_eq!(f.failed(&eperm, "rw", &metrics), None);
     }
 }

@@ -252,6 +252,7 @@ impl Proxy {
             handle.tasks.spawn(offer_sockets(
                 listener,
                 offer,
+                shared.clone(),
                 (handle.handed_over.clone(), handle.handover.clone()),
                 [handle.accepting.clone(), admin_stop.clone()],
             ));
@@ -433,22 +434,27 @@ async fn tcp_listener(
 async fn offer_sockets(
     listener: UnixSocket,
     mut offer: crate::handover::Offer,
+    shared: Arc<Shared>,
     (handed_over, gate): (CancellationToken, Arc<crate::handover::Gate>),
     stop: [CancellationToken; 2],
 ) {
     let [accepting, admin] = stop;
+    let mut failures = crate::accept::Failures::default();
     loop {
         let stream = tokio::select! {
             _ = accepting.cancelled() => return,
             a = listener.listener.accept() => match a {
-                Ok((s, _)) => s,
+                Ok((s, _)) => {
+                    failures.accepted("handover");
+                    s
+                }
                 Err(e) => {
                     // Out of descriptors, say: not at once again (see `accept`).
-                    let pause = crate::accept::PAUSE;
-                    tracing::warn!(error = %e, "handover socket: accept failed; trying again in {pause:?}");
-                    tokio::select! {
-                        _ = accepting.cancelled() => return,
-                        _ = tokio::time::sleep(pause) => {}
+                    if let Some(pause) = failures.failed(&e, "handover", &shared.metrics) {
+                        tokio::select! {
+                            _ = accepting.cancelled() => return,
+                            _ = tokio::time::sleep(pause) => {}
+                        }
                     }
                     continue;
                 }
