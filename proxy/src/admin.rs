@@ -46,6 +46,8 @@ struct PoolStatus {
     /// Of those holding a pool slot, waiting for the backend to have room
     /// (`max_backend_connections`).
     waiting_for_backend: usize,
+    /// Reserve slots the pool holds beyond pool_size (`reserve_pool_size`).
+    reserve: usize,
 }
 
 #[derive(Serialize)]
@@ -81,6 +83,7 @@ fn status_json(shared: &Shared) -> String {
                 waiting: p.waiting(),
                 retired: p.is_retired(),
                 waiting_for_backend: p.waiting_for_backend(),
+                reserve: p.reserve_in_use(),
             }
         })
         .collect();

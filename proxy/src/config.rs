@@ -53,8 +53,10 @@ pub const RESTART_KEYS: [&str; 9] = [
 
 /// Keys that shape server connections: a reload that changes one replaces
 /// the pools (idle connections close now, busy ones when released).
-pub const POOL_KEYS: [&str; 10] = [
+pub const POOL_KEYS: [&str; 12] = [
     "max_backend_connections",
+    "reserve_pool_size",
+    "reserve_pool_timeout",
     "server_tls_mode",
     "server_tls_ca_file",
     "pool_size",
@@ -194,6 +196,16 @@ pub struct Config {
     /// `pool_size`, `min_idle` and `pool_mode` for the pools of some
     /// databases or users (see [`PoolRule`]). Default none.
     pub pools: Vec<PoolRule>,
+    /// Server connections a pool may open beyond its size for clients
+    /// that waited `reserve_pool_timeout` (PgBouncer's reserve_pool_size):
+    /// a burst gets served instead of queueing to checkout_timeout. The
+    /// extra capacity goes once nobody waits and connections close (idle
+    /// timeout, lifetime). Default 0.
+    pub reserve_pool_size: usize,
+    /// How long a client waits for a server before its pool opens a
+    /// reserve connection. Default 5s.
+    #[serde(with = "humantime_serde")]
+    pub reserve_pool_timeout: Duration,
     /// Client connections accepted at once; more are refused with SQLSTATE
     /// 53300. Default 10000.
     pub max_client_conn: usize,
@@ -325,6 +337,8 @@ impl Default for Config {
             pool_size: 20,
             min_idle: 0,
             pools: Vec::new(),
+            reserve_pool_size: 0,
+            reserve_pool_timeout: Duration::from_secs(5),
             max_client_conn: 10_000,
             server_idle_timeout: Duration::from_secs(60),
             server_lifetime: Duration::from_secs(3600),

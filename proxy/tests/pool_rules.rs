@@ -158,3 +158,55 @@ fn a_pools_entry_in_session_mode_keeps_its_clients_servers() {
     assert_eq!(cell(&n, setting).unwrap(), "");
     assert_eq!(cell(&m, "select pg_backend_pid()").unwrap(), m_pid);
 }
+
+/// PgBouncer's reserve pool. With pool_size 1 and reserve_pool_size 1, a
+/// second transaction waits reserve_pool_timeout, then gets a second
+/// server; a third waits until checkout_timeout (the reserve is spent).
+/// Once nobody waits and the connections closed (server_idle_timeout),
+/// the reserve slot goes again.
+#[test]
+fn a_client_waiting_past_reserve_pool_timeout_gets_a_reserve_connection() {
+    let (_sb, pg) = primary("px-reserve");
+    let mut cfg = config(&pg, PoolMode::Transaction);
+    cfg.pool_size = 1;
+    cfg.reserve_pool_size = 1;
+    cfg.reserve_pool_timeout = Duration::from_millis(300);
+    cfg.checkout_timeout = Duration::from_secs(2);
+    cfg.server_idle_timeout = Duration::from_millis(500);
+    let p = Running::start(cfg);
+    let client = || p.client_in("postgres").unwrap();
+    let (a, b, c) = (client(), client(), client());
+    let begin = |c: &tokio_postgres::Client| p.rt.block_on(c.batch_execute("begin"));
+    begin(&a).unwrap();
+    let started = std::time::Instant::now();
+    begin(&b).unwrap();
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(300),
+        "served after {waited:?}"
+    );
+    assert_eq!(proxy_backends_in(&pg, "postgres"), 2);
+    let pools = p.handle().shared.pools.snapshot();
+    let [pool] = &pools[..] else {
+        panic!("one pool expected, got {}", pools.len())
+    };
+    assert_eq!(pool.reserve_in_use(), 1);
+    let status = common::http(p.handle().admin_addr.port(), "GET", "/status", None);
+    assert!(status.contains("\"reserve\": 1"), "{status}");
+    // The reserve is spent: the next client waits until checkout_timeout.
+    let err = p.first_cell(&c, "select 1").unwrap_err();
+    let text = common::db_message(&err);
+    assert!(text.contains("no server connection available"), "{text}");
+    assert_eq!(proxy_backends_in(&pg, "postgres"), 2);
+    for c in [&a, &b] {
+        p.rt.block_on(c.batch_execute("commit")).unwrap();
+    }
+    // Both idle connections time out; the freed reserve slot is forgotten.
+    wait_until("the reserve slot to go", Duration::from_secs(10), || {
+        Ok((pool.reserve_in_use() == 0 && !pool.in_use()).then_some(()))
+    })
+    .unwrap();
+    common::wait_proxy_backends_at_most(&pg, 0);
+    // And the pool serves again, from its own slot.
+    assert_eq!(p.first_cell(&c, "select 7").unwrap(), "7");
+}

@@ -15,6 +15,23 @@ fn minimal_static_config_gets_documented_defaults() {
     assert_eq!(c.listen_ro.port(), 6433);
     assert_eq!(c.backends[0].host, "127.0.0.1");
     assert_eq!(c.checkout_timeout, Duration::from_secs(10));
+    assert_eq!(c.reserve_pool_size, 0);
+    assert_eq!(c.reserve_pool_timeout, Duration::from_secs(5));
+}
+
+#[test]
+fn the_reserve_pool_is_read_and_a_change_replaces_the_pools() {
+    let c = Config::parse(&format!(
+        "reserve_pool_size = 3\nreserve_pool_timeout = \"1500ms\"\n{MINIMAL}"
+    ))
+    .unwrap();
+    assert_eq!(c.reserve_pool_size, 3);
+    assert_eq!(c.reserve_pool_timeout, Duration::from_millis(1500));
+    let changed = c.changed_keys(&Config::parse(MINIMAL).unwrap());
+    assert_eq!(changed, ["reserve_pool_size", "reserve_pool_timeout"]);
+    assert!(changed
+        .iter()
+        .all(|k| crate::config::POOL_KEYS.contains(&k.as_str())));
 }
 
 #[test]

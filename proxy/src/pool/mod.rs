@@ -6,6 +6,9 @@
 //! that waits past `checkout_timeout` gets an error. An idle connection
 //! keeps its slot while nobody waits, so the common checkout and checkin
 //! (every transaction in transaction mode) touch only the idle list.
+//! A client that waited `reserve_pool_timeout` adds a slot, up to
+//! `reserve_pool_size` of them (PgBouncer's reserve pool); those go again
+//! once nobody waits and they are free.
 //! Connections past their idle timeout or lifetime, closed by the server,
 //! or belonging to a backend that left its role are dropped instead of
 //! reused. `pools` keeps every pool, made on first use. May call:
@@ -21,6 +24,7 @@ use crate::clock;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 mod pools;
+mod reserve;
 #[cfg(test)]
 pub(crate) mod tests;
 
@@ -77,7 +81,12 @@ pub struct Pool {
     /// Boxed: connections move in and out on every transaction, and a
     /// box moves as one pointer instead of the whole connection.
     idle: Mutex<Vec<Idle>>,
+    /// `settings.size` slots, plus `reserve`.
     slots: Arc<Semaphore>,
+    /// Reserve slots added to `slots` (at most `reserve_pool_size`).
+    /// Raised before a slot is added, lowered after one is forgotten: it
+    /// never counts fewer than there are.
+    reserve: AtomicUsize,
     /// Set when the backend lost its role: nothing is reused any more.
     retired: AtomicBool,
     /// Checked-out connections.
@@ -176,6 +185,7 @@ impl Pool {
             connect,
             route,
             slots: Arc::new(Semaphore::new(settings.size)),
+            reserve: AtomicUsize::new(0),
             settings,
             backend,
             login,
@@ -244,7 +254,17 @@ impl Pool {
     /// Whether any connection still holds one of its slots (checked out,
     /// being made, or idle): a retired pool is forgotten once none does.
     pub fn in_use(&self) -> bool {
-        self.slots.available_permits() < self.settings.size
+        self.slots.available_permits() < self.capacity()
+    }
+
+    /// Slots there are: the pool's size and the reserve ones added.
+    fn capacity(&self) -> usize {
+        self.settings.size + self.reserve.load(Ordering::Acquire)
+    }
+
+    /// Reserve slots added now (see [`Pool::checkout`]).
+    pub fn reserve_in_use(&self) -> usize {
+        self.reserve.load(Ordering::Acquire)
     }
 
     /// Whose connections these are (the password included: not for
@@ -363,13 +383,13 @@ impl Pool {
             return Ok(co);
         }
         let deadline = tokio::time::Instant::now() + timeout;
-        let slot = tokio::time::timeout(timeout, self.slots.clone().acquire_owned()).await;
+        let slot = self.wait_for_slot(deadline).await;
         drop(waiting);
         let slot = match slot {
-            Ok(Ok(slot)) => slot,
+            Some(Ok(slot)) => slot,
             // Closed: retired while this client waited.
-            Ok(Err(_)) => return Err(PoolError::Retired),
-            Err(_) => return Err(PoolError::Timeout(timeout)),
+            Some(Err(_)) => return Err(PoolError::Retired),
+            None => return Err(PoolError::Timeout(timeout)),
         };
         let mut held = Some(slot);
         if let Some((conn, slot)) = self.take_idle(&mut held) {
@@ -531,12 +551,13 @@ impl Pool {
             clock::between(c.idle_since, now) <= self.cfg.server_idle_timeout
                 && clock::between(c.created, now) <= self.cfg.server_lifetime
         });
+        self.shrink_reserve();
         // Like PgBouncer's min_pool_size: connections in use count too.
         // Every connection holds a slot (checked out, being connected, or
         // idle with its own) except idle ones whose slot went to a waiter.
         let open = || {
             let unslotted = lock(&self.idle).iter().filter(|i| i.slot.is_none()).count();
-            unslotted + self.settings.size - self.slots.available_permits()
+            (unslotted + self.capacity()).saturating_sub(self.slots.available_permits())
         };
         // Not for a pool made for a client's own startup settings: any
         // client can make one, and they go once empty (`Pools::maintain`).
