@@ -259,7 +259,7 @@ impl Pool {
 
     /// Slots there are: the pool's size and the reserve ones added.
     fn capacity(&self) -> usize {
-        self.settings.size + self.reserve.load(Ordering::Acquire)
+        self.settings.size + self.reserve_in_use()
     }
 
     /// Reserve slots added now (see [`Pool::checkout`]).
