@@ -37,6 +37,11 @@ pub enum Pending {
     HiddenQuery,
     /// A reply the proxy gives itself (`1` or `3`) when it reaches the front.
     Fake(u8),
+    /// The client ended a COPY (CopyDone or CopyFail): no reply of its
+    /// own, it marks where the server left copy-in mode, so that the Syncs
+    /// sent before it, which a server in copy-in mode ignores, are not
+    /// waited for (see [`Tracker::copy_started`]). Never at the front.
+    CopyEnd,
 }
 
 /// What to do with one server message.
@@ -57,6 +62,9 @@ pub struct Tracker {
     /// then skips looking for them.
     fakes: usize,
     unsynced: bool,
+    /// The server is in copy-in mode and the client has not ended the
+    /// COPY yet: its Syncs are ignored by the server.
+    copying: bool,
     status: u8,
 }
 
@@ -66,6 +74,7 @@ impl Default for Tracker {
             queue: VecDeque::new(),
             fakes: 0,
             unsynced: false,
+            copying: false,
             status: b'I',
         }
     }
@@ -125,10 +134,48 @@ impl Tracker {
             b'D' => Pending::Describe,
             b'E' => Pending::Execute,
             b'C' => Pending::Close { hidden: false },
+            b'S' if self.copying => return,
             b'S' => Pending::Sync,
+            b'c' | b'f' => {
+                // Nothing ahead: the COPY it ended is over (the server
+                // ignores COPY messages outside copy-in mode).
+                if !std::mem::take(&mut self.copying) && !self.queue.is_empty() {
+                    self.queue.push_back(Pending::CopyEnd);
+                }
+                return;
+            }
             _ => return,
         };
         self.push(p);
+    }
+
+    /// The server entered copy-in mode (CopyInResponse) for the request
+    /// at the front. It ignores the Syncs the client sent before ending
+    /// the COPY: those already queued go, and the ones still to come are
+    /// not counted (PostgreSQL answers tokio-postgres's Bind, Execute,
+    /// Sync, CopyData, CopyDone, Sync with one ReadyForQuery).
+    fn copy_started(&mut self) {
+        let mut i = 1;
+        let mut ended = false;
+        while i < self.queue.len() {
+            match self.queue[i] {
+                Pending::Sync => {
+                    self.queue.remove(i);
+                }
+                Pending::CopyEnd => {
+                    self.queue.remove(i);
+                    ended = true;
+                    break;
+                }
+                _ => i += 1,
+            }
+        }
+        self.copying = !ended;
+        if !ended && !matches!(self.queue.front(), Some(Pending::Query)) {
+            // An extended-protocol COPY: its end and the Sync after it
+            // are still to come.
+            self.unsynced = true;
+        }
     }
 
     /// Records a request; returns the fake replies that are due now (when
@@ -152,6 +199,11 @@ impl Tracker {
         let p = self.queue.pop_front();
         if let Some(Pending::Fake(_)) = p {
             self.fakes -= 1;
+        }
+        // The end of a COPY that never started (its request failed) or
+        // is over: nothing answers it.
+        while let Some(Pending::CopyEnd) = self.queue.front() {
+            self.queue.pop_front();
         }
         p
     }
@@ -193,9 +245,7 @@ impl Tracker {
     #[inline]
     pub fn passes(&self, tag: u8) -> bool {
         match tag {
-            b'D' | b'N' | b'A' | b'd' | b't' | b'K' | b'G' | b'H' | b'W' | b'c' => {
-                !self.in_hidden_query()
-            }
+            b'D' | b'N' | b'A' | b'd' | b't' | b'K' | b'H' | b'W' | b'c' => !self.in_hidden_query(),
             b'T' => !matches!(
                 self.queue.front(),
                 Some(Pending::HiddenQuery | Pending::Describe)
@@ -225,7 +275,7 @@ impl Tracker {
                 | (b'C' | b's' | b'I', Some(Pending::Execute))
         );
         if plain {
-            self.queue.pop_front();
+            self.pop_front();
         }
         plain
     }
@@ -245,6 +295,7 @@ impl Tracker {
         let status = crate::protocol::messages::ready_status(body)?;
         self.status = status;
         self.queue.clear();
+        self.copying = false;
         Some(status)
     }
 
@@ -269,11 +320,19 @@ impl Tracker {
             unprepared: Vec::new(),
         };
         let front_is_query = matches!(self.queue.front(), Some(Pending::Query));
+        if matches!(tag, b'E' | b'Z') {
+            // The server left copy-in mode (an error ends a COPY).
+            self.copying = false;
+        }
         match tag {
             b'1' | b'2' | b'3' | b'n' => self.pop(&mut v),
             b'T' if matches!(self.queue.front(), Some(Pending::Describe)) => self.pop(&mut v),
             b'C' | b'I' | b's' if !front_is_query => self.pop(&mut v),
             b'E' if !front_is_query => self.error_skip(&mut v),
+            b'G' => {
+                self.copy_started();
+                return v;
+            }
             b'Z' => {
                 if let Some(s) = crate::protocol::messages::ready_status(body) {
                     self.status = s;

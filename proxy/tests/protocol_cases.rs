@@ -128,6 +128,45 @@ fn copy_in_out_and_copy_fail_work_and_release_the_server() {
     assert_eq!(b.query("select count(*) from c"), vec!["2"]);
 }
 
+/// tokio-postgres runs COPY over the extended protocol: Bind, Execute and
+/// Sync, then the data, CopyDone and a second Sync. The server ignores the
+/// Sync that reaches it in copy-in mode and answers both with one
+/// ReadyForQuery; the proxy must not wait for a second one.
+#[test]
+fn copy_in_over_the_extended_protocol_releases_the_server() {
+    let (_sb, pg, p) = one_server("px-copy-ext");
+    pg.psql("create table cx(x int)").unwrap();
+    let a = p.client_with(|_| {}).unwrap();
+    let copied = p.rt.block_on(async {
+        use futures::SinkExt;
+        let sink = a.copy_in("copy cx from stdin").await?;
+        futures::pin_mut!(sink);
+        sink.send(bytes::Bytes::from_static(b"1\n2\n3\n")).await?;
+        sink.finish().await
+    });
+    assert_eq!(copied.unwrap(), 3);
+    // The pool's only server is free for another client (checkout
+    // timeout 300 ms), and A's next transactions run.
+    let mut b = Raw::connect(p.rw());
+    assert_eq!(b.query("select count(*) from cx"), vec!["3"]);
+    for _ in 0..3 {
+        assert_eq!(p.first_cell(&a, "select 1").unwrap(), "1");
+        assert_eq!(b.query("select 2"), vec!["2"]);
+    }
+    // A COPY that fails (a bad row) leaves the same state.
+    let failed = p.rt.block_on(async {
+        use futures::SinkExt;
+        let sink = a.copy_in("copy cx from stdin").await?;
+        futures::pin_mut!(sink);
+        sink.send(bytes::Bytes::from_static(b"not a number\n"))
+            .await?;
+        sink.finish().await
+    });
+    assert!(failed.is_err());
+    assert_eq!(b.query("select count(*) from cx"), vec!["3"]);
+    assert_eq!(p.first_cell(&a, "select 4").unwrap(), "4");
+}
+
 #[test]
 fn copy_data_sent_after_the_server_ended_the_copy_takes_no_server() {
     let (_sb, pg, p) = one_server("px-copy-err");

@@ -287,6 +287,89 @@ fn copy_keeps_the_server_until_ready() {
     assert!(t.is_free());
 }
 
+/// PostgreSQL ignores a Sync that reaches it in copy-in mode: Bind,
+/// Execute, Sync, CopyData, CopyDone, Sync get one ReadyForQuery.
+#[test]
+fn syncs_sent_during_an_extended_copy_are_not_waited_for() {
+    // The client waits for CopyInResponse before streaming (tokio-postgres).
+    let mut t = Tracker::default();
+    for tag in [b'B', b'E', b'S'] {
+        t.client_message(tag);
+    }
+    reply(&mut t, &[(b'2', b""), (b'G', b"")]);
+    for tag in [b'd', b'S', b'c', b'S'] {
+        t.client_message(tag);
+    }
+    reply(&mut t, &[(b'C', b"")]);
+    assert!(!t.is_free());
+    reply(&mut t, &[(b'Z', b"I")]);
+    assert!(t.is_free(), "{t:?}");
+    // All of it pipelined before the server answers.
+    let mut t = Tracker::default();
+    for tag in [b'B', b'E', b'S', b'd', b'c', b'S'] {
+        t.client_message(tag);
+    }
+    reply(&mut t, &[(b'2', b""), (b'G', b""), (b'C', b"")]);
+    assert!(!t.is_free());
+    reply(&mut t, &[(b'Z', b"I")]);
+    assert!(t.is_free(), "{t:?}");
+    // CopyFail: the error, then the Sync after it is answered.
+    let mut t = Tracker::default();
+    for tag in [b'B', b'E', b'S'] {
+        t.client_message(tag);
+    }
+    reply(&mut t, &[(b'2', b""), (b'G', b"")]);
+    for tag in [b'd', b'f', b'S'] {
+        t.client_message(tag);
+    }
+    reply(&mut t, &[(b'E', b"")]);
+    assert!(!t.is_free());
+    reply(&mut t, &[(b'Z', b"I")]);
+    assert!(t.is_free(), "{t:?}");
+}
+
+/// The server ends a COPY with an error (a bad row) while the client
+/// streams; the COPY that never started (its Execute failed) leaves its
+/// CopyDone unanswered too.
+#[test]
+fn a_copy_the_server_ended_or_never_began_owes_one_ready_per_sync_after_it() {
+    let mut t = Tracker::default();
+    for tag in [b'B', b'E', b'S'] {
+        t.client_message(tag);
+    }
+    reply(&mut t, &[(b'2', b""), (b'G', b""), (b'E', b"")]);
+    // The client had not seen the error: the rest, then a Sync.
+    for tag in [b'd', b'c', b'S'] {
+        t.client_message(tag);
+    }
+    assert!(!t.is_free());
+    reply(&mut t, &[(b'Z', b"I")]);
+    assert!(t.is_free(), "{t:?}");
+    // The client sends only a Sync after the error: it counts.
+    let mut t = Tracker::default();
+    for tag in [b'B', b'E', b'S'] {
+        t.client_message(tag);
+    }
+    reply(&mut t, &[(b'2', b""), (b'G', b""), (b'E', b"")]);
+    t.client_message(b'S');
+    assert!(!t.is_free());
+    reply(&mut t, &[(b'Z', b"I")]);
+    assert!(t.is_free(), "{t:?}");
+    // COPY of a missing table, everything pipelined: two Syncs, two
+    // ReadyForQuery, the CopyDone between them answered by nothing.
+    let mut t = Tracker::default();
+    for tag in [b'B', b'E', b'S', b'd', b'c', b'S'] {
+        t.client_message(tag);
+    }
+    reply(&mut t, &[(b'2', b""), (b'E', b""), (b'Z', b"I")]);
+    assert!(!t.is_free());
+    reply(&mut t, &[(b'Z', b"I")]);
+    assert!(t.is_free(), "{t:?}");
+    // A stale CopyDone to an idle server adds nothing.
+    t.client_message(b'c');
+    assert!(t.is_free(), "{t:?}");
+}
+
 #[test]
 fn notices_and_notifications_change_nothing() {
     let mut t = Tracker::default();
