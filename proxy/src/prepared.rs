@@ -84,6 +84,15 @@ impl Registry {
         s
     }
 
+    /// Forgets every text, so that each is prepared afresh, under a new
+    /// server name, wherever it runs next: after DDL made a plan stale
+    /// ("cached plan must not change result type"), every server that
+    /// prepared the text before holds the stale plan, not only the one
+    /// that reported it. Statements clients hold keep their names.
+    pub fn renew_all(&self) {
+        crate::lock(&self.inner).by_body.clear();
+    }
+
     /// Statements it holds now.
     pub fn count(&self) -> usize {
         crate::lock(&self.inner).by_body.len()

@@ -116,6 +116,85 @@ fn a_statement_made_stale_by_ddl_can_be_prepared_again() {
     });
 }
 
+/// With several servers each holding the statement, the first error
+/// after the DDL makes every server prepare the text afresh: a client
+/// that prepares it again works on whichever server runs it, not only on
+/// the one that reported the stale plan.
+#[test]
+fn after_a_stale_plan_the_text_is_prepared_afresh_on_every_server() {
+    let (_sb, pg) = primary("px-ddl2");
+    pg.psql("create table ddl2(x int); insert into ddl2 values (1)")
+        .unwrap();
+    let mut cfg = config(&pg, PoolMode::Transaction);
+    cfg.pool_size = 2;
+    let p = Running::start(cfg);
+    let port = p.rw();
+    let direct = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres",
+        pg.port()
+    );
+    let sql = "select * from ddl2";
+    p.rt.block_on(async move {
+        let c1 = Running::client(port).await;
+        let c2 = Running::client(port).await;
+        // Both servers prepare the text: each client holds one in a
+        // transaction while it prepares and runs it.
+        let mut old = Vec::new();
+        for c in [&c1, &c2] {
+            c.batch_execute("begin").await.unwrap();
+            let s = c.prepare(sql).await.unwrap();
+            assert_eq!(c.query(&s, &[]).await.unwrap().len(), 1);
+            old.push(s);
+        }
+        let pids: Vec<i32> = {
+            let mut v = Vec::new();
+            for c in [&c1, &c2] {
+                v.push(
+                    c.query_one("select pg_backend_pid()", &[])
+                        .await
+                        .unwrap()
+                        .get(0),
+                );
+            }
+            v
+        };
+        assert_ne!(pids[0], pids[1], "the clients share a server");
+        for c in [&c1, &c2] {
+            c.batch_execute("commit").await.unwrap();
+        }
+        let (d, conn) = tokio_postgres::connect(&direct, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        d.batch_execute("alter table ddl2 add column y int")
+            .await
+            .unwrap();
+        // The old statement fails once, as on a direct connection.
+        let err = c1.query(&old[0], &[]).await.unwrap_err();
+        assert!(
+            common::db_message(&err).contains("cached plan must not change result type"),
+            "{err:?}"
+        );
+        // Then, on both servers at once, the text prepared again works.
+        for round in 0..3 {
+            for c in [&c1, &c2] {
+                c.batch_execute("begin").await.unwrap();
+            }
+            for c in [&c1, &c2] {
+                let s = c.prepare(sql).await.unwrap();
+                let rows = c
+                    .query(&s, &[])
+                    .await
+                    .unwrap_or_else(|e| panic!("round {round}: {}", common::db_message(&e)));
+                assert_eq!(rows[0].len(), 2);
+            }
+            for c in [&c1, &c2] {
+                c.batch_execute("commit").await.unwrap();
+            }
+        }
+    });
+}
+
 /// A client's `DISCARD ALL` or `DEALLOCATE ALL` in transaction mode drops
 /// every prepared statement on its server, the ones the proxy prepared
 /// there for other clients too: those are prepared again when next used

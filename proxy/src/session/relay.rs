@@ -190,9 +190,11 @@ impl<C: ClientIo> Session<C> {
                 tracing::trace!(route = self.route.label(), tag = %(frame[0] as char), forward = step.forward, fakes = ?step.fakes, "server frame");
                 if step.stale_plan {
                     // Same statement text maps to the same server name: a
-                    // re-prepare would hit the stale one. Start afresh.
+                    // re-prepare would hit the stale one, here or on any
+                    // other server that prepared it. Start afresh.
                     conn.prepared.clear();
                     conn.discard = true;
+                    self.shared.statements.renew_all();
                 }
                 // In transaction mode a server's FATAL ends that server, not
                 // the client's session: it is passed on as an ERROR.
