@@ -47,15 +47,22 @@ fn writes_go_to_the_etcd_leader_reads_to_fresh_replicas_with_truthful_parameters
     wait_routing(&shared, "lagging replica dropped", |t| {
         t.replicas.is_empty()
     });
-    let mut ro2 = Raw::connect(p.ro());
+    let (mut ro2, ro2_params) = Raw::connect_with_params(p.ro());
+    assert_eq!(get(&ro2_params, "in_hot_standby").as_deref(), Some("off"));
     assert_eq!(server_port(&mut ro2), c.pg1.port());
-    // So does one tagged noloadbalance.
+    // When the replica is back the client's next transaction runs there,
+    // and the client is told that it now talks to a standby (a
+    // ParameterStatus ahead of the reply), as it was told the opposite at
+    // login. So does one tagged noloadbalance, back to the leader.
     c.put(
         &c.keys.member("pg2"),
         record(&c.pg2, Role::Replica, 0, false),
     );
     wait_routing(&shared, "replica back", |t| t.replicas.len() == 1);
-    assert_eq!(server_port(&mut ro2), c.pg2.port());
+    assert_eq!(
+        port_and_standby(&mut ro2),
+        (c.pg2.port(), Some("on".into()))
+    );
     c.put(
         &c.keys.member("pg2"),
         record(&c.pg2, Role::Replica, 0, true),
@@ -63,7 +70,25 @@ fn writes_go_to_the_etcd_leader_reads_to_fresh_replicas_with_truthful_parameters
     wait_routing(&shared, "noloadbalance replica dropped", |t| {
         t.replicas.is_empty()
     });
-    assert_eq!(server_port(&mut ro2), c.pg1.port());
+    assert_eq!(
+        port_and_standby(&mut ro2),
+        (c.pg1.port(), Some("off".into()))
+    );
+    // Same node again: nothing to tell.
+    assert_eq!(port_and_standby(&mut ro2), (c.pg1.port(), None));
+}
+
+/// The port of the server that ran a query, and the `in_hot_standby` the
+/// client was told ahead of the reply, if it was.
+fn port_and_standby(raw: &mut Raw) -> (u16, Option<String>) {
+    use pgha_proxy::protocol::messages as msg;
+    raw.send_with(|b| msg::put_query(b, "select inet_server_port()"));
+    let got = raw.until_ready_full();
+    let standby = got.iter().find_map(|(t, body)| {
+        let (k, v) = msg::parameter_status(body).filter(|_| *t == b'S')?;
+        (k == "in_hot_standby").then(|| v.to_owned())
+    });
+    (common::first_value(&got).parse().unwrap(), standby)
 }
 
 #[test]
@@ -170,6 +195,10 @@ fn without_a_leader_writes_wait_their_bound_then_fail_and_never_go_to_a_replica(
     a.send_with(|b| pgha_proxy::protocol::messages::put_query(b, "insert into t values (1)"));
     let got = a.until_ready_full();
     assert_eq!(got[0].0, b'E', "a replica must never get the write");
+    // The proxy's own refusal, not the replica's 25006 ("cannot execute
+    // INSERT in a read-only transaction"), which would mean it got there.
+    let e = pgha_proxy::protocol::messages::error_fields(&got[0].1).unwrap();
+    assert_eq!(e.code, "57P03", "{}", e.message);
     // A waiting transaction proceeds as soon as a real leader appears.
     c.delete(&c.keys.leader());
     wait_routing(&shared, "no leader", |t| t.leader.is_none());
