@@ -137,14 +137,16 @@ fn copy_in_over_the_extended_protocol_releases_the_server() {
     let (_sb, pg, p) = one_server("px-copy-ext");
     pg.psql("create table cx(x int)").unwrap();
     let a = p.client_with(|_| {}).unwrap();
-    let copied = p.rt.block_on(async {
-        use futures::SinkExt;
-        let sink = a.copy_in("copy cx from stdin").await?;
-        futures::pin_mut!(sink);
-        sink.send(bytes::Bytes::from_static(b"1\n2\n3\n")).await?;
-        sink.finish().await
-    });
-    assert_eq!(copied.unwrap(), 3);
+    let copy = |data: &'static [u8]| {
+        p.rt.block_on(async {
+            use futures::SinkExt;
+            let sink = a.copy_in("copy cx from stdin").await?;
+            futures::pin_mut!(sink);
+            sink.send(bytes::Bytes::from_static(data)).await?;
+            sink.finish().await
+        })
+    };
+    assert_eq!(copy(b"1\n2\n3\n").unwrap(), 3);
     // The pool's only server is free for another client (checkout
     // timeout 300 ms), and A's next transactions run.
     let mut b = Raw::connect(p.rw());
@@ -154,15 +156,7 @@ fn copy_in_over_the_extended_protocol_releases_the_server() {
         assert_eq!(b.query("select 2"), vec!["2"]);
     }
     // A COPY that fails (a bad row) leaves the same state.
-    let failed = p.rt.block_on(async {
-        use futures::SinkExt;
-        let sink = a.copy_in("copy cx from stdin").await?;
-        futures::pin_mut!(sink);
-        sink.send(bytes::Bytes::from_static(b"not a number\n"))
-            .await?;
-        sink.finish().await
-    });
-    assert!(failed.is_err());
+    assert!(copy(b"not a number\n").is_err());
     assert_eq!(b.query("select count(*) from cx"), vec!["3"]);
     assert_eq!(p.first_cell(&a, "select 4").unwrap(), "4");
 }

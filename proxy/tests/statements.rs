@@ -88,18 +88,12 @@ fn a_statement_made_stale_by_ddl_can_be_prepared_again() {
     pg.psql("create table ddl_t(x int); insert into ddl_t values (1)")
         .unwrap();
     let port = p.rw();
-    let direct = format!(
-        "host=127.0.0.1 port={} user=postgres dbname=postgres",
-        pg.port()
-    );
+    let direct = pg.port();
     p.rt.block_on(async move {
         let c = Running::client(port).await;
         let s = c.prepare("select * from ddl_t").await.unwrap();
         assert_eq!(c.query(&s, &[]).await.unwrap().len(), 1);
-        let (d, conn) = tokio_postgres::connect(&direct, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(conn);
+        let d = Running::client(direct).await;
         d.batch_execute("alter table ddl_t add column y int")
             .await
             .unwrap();
@@ -129,10 +123,7 @@ fn after_a_stale_plan_the_text_is_prepared_afresh_on_every_server() {
     cfg.pool_size = 2;
     let p = Running::start(cfg);
     let port = p.rw();
-    let direct = format!(
-        "host=127.0.0.1 port={} user=postgres dbname=postgres",
-        pg.port()
-    );
+    let direct = pg.port();
     let sql = "select * from ddl2";
     p.rt.block_on(async move {
         let c1 = Running::client(port).await;
@@ -162,10 +153,7 @@ fn after_a_stale_plan_the_text_is_prepared_afresh_on_every_server() {
         for c in [&c1, &c2] {
             c.batch_execute("commit").await.unwrap();
         }
-        let (d, conn) = tokio_postgres::connect(&direct, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(conn);
+        let d = Running::client(direct).await;
         d.batch_execute("alter table ddl2 add column y int")
             .await
             .unwrap();

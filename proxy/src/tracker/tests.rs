@@ -287,16 +287,22 @@ fn copy_keeps_the_server_until_ready() {
     assert!(t.is_free());
 }
 
-/// PostgreSQL ignores a Sync that reaches it in copy-in mode: Bind,
-/// Execute, Sync, CopyData, CopyDone, Sync get one ReadyForQuery.
-#[test]
-fn syncs_sent_during_an_extended_copy_are_not_waited_for() {
-    // The client waits for CopyInResponse before streaming (tokio-postgres).
+/// Bind, Execute and Sync sent, the server answered BindComplete and
+/// CopyInResponse: what tokio-postgres waits for before it streams.
+fn extended_copy_begun() -> Tracker {
     let mut t = Tracker::default();
     for tag in [b'B', b'E', b'S'] {
         t.client_message(tag);
     }
     reply(&mut t, &[(b'2', b""), (b'G', b"")]);
+    t
+}
+
+/// PostgreSQL ignores a Sync that reaches it in copy-in mode: Bind,
+/// Execute, Sync, CopyData, CopyDone, Sync get one ReadyForQuery.
+#[test]
+fn syncs_sent_during_an_extended_copy_are_not_waited_for() {
+    let mut t = extended_copy_begun();
     for tag in [b'd', b'S', b'c', b'S'] {
         t.client_message(tag);
     }
@@ -314,11 +320,7 @@ fn syncs_sent_during_an_extended_copy_are_not_waited_for() {
     reply(&mut t, &[(b'Z', b"I")]);
     assert!(t.is_free(), "{t:?}");
     // CopyFail: the error, then the Sync after it is answered.
-    let mut t = Tracker::default();
-    for tag in [b'B', b'E', b'S'] {
-        t.client_message(tag);
-    }
-    reply(&mut t, &[(b'2', b""), (b'G', b"")]);
+    let mut t = extended_copy_begun();
     for tag in [b'd', b'f', b'S'] {
         t.client_message(tag);
     }
@@ -333,11 +335,8 @@ fn syncs_sent_during_an_extended_copy_are_not_waited_for() {
 /// CopyDone unanswered too.
 #[test]
 fn a_copy_the_server_ended_or_never_began_owes_one_ready_per_sync_after_it() {
-    let mut t = Tracker::default();
-    for tag in [b'B', b'E', b'S'] {
-        t.client_message(tag);
-    }
-    reply(&mut t, &[(b'2', b""), (b'G', b""), (b'E', b"")]);
+    let mut t = extended_copy_begun();
+    reply(&mut t, &[(b'E', b"")]);
     // The client had not seen the error: the rest, then a Sync.
     for tag in [b'd', b'c', b'S'] {
         t.client_message(tag);
@@ -346,11 +345,8 @@ fn a_copy_the_server_ended_or_never_began_owes_one_ready_per_sync_after_it() {
     reply(&mut t, &[(b'Z', b"I")]);
     assert!(t.is_free(), "{t:?}");
     // The client sends only a Sync after the error: it counts.
-    let mut t = Tracker::default();
-    for tag in [b'B', b'E', b'S'] {
-        t.client_message(tag);
-    }
-    reply(&mut t, &[(b'2', b""), (b'G', b""), (b'E', b"")]);
+    let mut t = extended_copy_begun();
+    reply(&mut t, &[(b'E', b"")]);
     t.client_message(b'S');
     assert!(!t.is_free());
     reply(&mut t, &[(b'Z', b"I")]);
