@@ -14,7 +14,9 @@ use tokio_postgres::NoTls;
 /// One answered read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Read {
-    pub at: Instant,
+    /// When the query was sent: the answer tells the node's state at some
+    /// moment after this one.
+    pub asked: Instant,
     /// `inet_server_port()` of the node that answered.
     pub port: u16,
     pub in_recovery: bool,
@@ -29,12 +31,14 @@ pub struct ReadOutcome {
 }
 
 impl ReadOutcome {
-    /// Reads answered by a writable node on `port` at or after `since`.
+    /// Reads asked at or after `since` and answered by a writable node on
+    /// `port`: that node was writable after the moment. (A read asked
+    /// before it may have been answered before it, whenever it arrived.)
     pub fn primary_reads_from(&self, port: u16, since: Instant) -> Vec<Read> {
         self.reads
             .iter()
             .copied()
-            .filter(|r| r.port == port && !r.in_recovery && r.at >= since)
+            .filter(|r| r.port == port && !r.in_recovery && r.asked >= since)
             .collect()
     }
 }
@@ -49,6 +53,7 @@ pub async fn read_until(
     let mut client = None;
     loop {
         let attempt = async {
+            let asked = Instant::now();
             if client
                 .as_ref()
                 .is_none_or(tokio_postgres::Client::is_closed)
@@ -69,7 +74,7 @@ pub async fn read_until(
             .map_err(|e| crate::writer::describe(&e))?;
             let port: i32 = row.get(0);
             Ok::<_, String>(Read {
-                at: Instant::now(),
+                asked,
                 port: port as u16,
                 in_recovery: row.get(1),
             })
@@ -108,22 +113,22 @@ mod tests {
         let out = ReadOutcome {
             reads: vec![
                 Read {
-                    at: t0,
+                    asked: t0,
                     port: 1,
                     in_recovery: false,
                 },
                 Read {
-                    at: later,
+                    asked: later,
                     port: 1,
                     in_recovery: false,
                 },
                 Read {
-                    at: later,
+                    asked: later,
                     port: 1,
                     in_recovery: true,
                 },
                 Read {
-                    at: later,
+                    asked: later,
                     port: 2,
                     in_recovery: false,
                 },
@@ -132,6 +137,6 @@ mod tests {
         };
         let bad = out.primary_reads_from(1, later);
         assert_eq!(bad.len(), 1);
-        assert_eq!(bad[0].at, later);
+        assert_eq!(bad[0].asked, later);
     }
 }

@@ -1,8 +1,10 @@
 //! End to end, as `pgha up` starts it: etcd, three agents in synchronous mode
 //! and the proxy as real processes. An application writing through the
 //! read-write port survives the loss of its primary, a planned switchover
-//! and a proxy restart without losing an acknowledged write, and the
-//! read-only port never serves a read from a node that lost the leadership.
+//! and a proxy restart without losing an acknowledged write; a primary
+//! whose agent froze, still writable, gets neither writes nor reads once
+//! another node leads; and the read-only port never serves a read from a
+//! node that lost the leadership.
 
 #![allow(clippy::unwrap_used)] // a test fails loudly on any unexpected error
 
@@ -10,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use pgha_loadtest::reader::{read_until, ReadOutcome};
 use pgha_loadtest::{missing_ids, WriteOutcome, Writer};
-use pgha_local::{sibling_binary, wait_until, LocalStack, StackOptions};
+use pgha_local::{psql_with, sibling_binary, wait_until, LocalStack, StackOptions};
 
 fn stack() -> LocalStack {
     LocalStack::up(&StackOptions {
@@ -84,6 +86,34 @@ fn wait_for_more_writes(stack: &LocalStack, table: &str, more: u64) {
     .unwrap();
 }
 
+/// Every acknowledged id is in `table` on node `node`.
+fn assert_no_acked_write_lost(
+    stack: &LocalStack,
+    rt: &tokio::runtime::Runtime,
+    node: usize,
+    table: &str,
+    w: &WriteOutcome,
+) {
+    let conn = format!(
+        "host=127.0.0.1 port={} user=postgres password={} dbname=app",
+        stack.agents()[node].pg_port(),
+        stack.state().password
+    );
+    let missing = rt.block_on(missing_ids(&conn, table, &w.acked)).unwrap();
+    assert!(missing.is_empty(), "acknowledged writes lost: {missing:?}");
+}
+
+/// Waits until `n` replicas stream from node `leader`.
+fn wait_streaming_from(stack: &LocalStack, leader: usize, n: usize, what: &str) {
+    wait_until(what, Duration::from_secs(120), || {
+        let streaming = stack.agents()[leader]
+            .psql("select count(*) from pg_stat_replication where state = 'streaming'")
+            .map_err(|e| e.to_string())?;
+        Ok((streaming == n.to_string()).then_some(()))
+    })
+    .unwrap();
+}
+
 #[test]
 fn acknowledged_writes_survive_killing_the_primary_behind_the_proxy() {
     let mut stack = stack();
@@ -92,8 +122,6 @@ fn acknowledged_writes_survive_killing_the_primary_behind_the_proxy() {
     wait_for_more_writes(&stack, table, 200);
 
     let old = stack.leader_index().unwrap();
-    let old_port = stack.agents()[old].pg_port();
-    let killed_at = Instant::now();
     // The agent first (so it cannot restart postgres), then its postgres if
     // it did not already go down with the agent.
     stack.agent_mut(old).kill_agent().unwrap();
@@ -120,34 +148,97 @@ fn acknowledged_writes_survive_killing_the_primary_behind_the_proxy() {
         "the writer's client connection must survive the failover: {:?}",
         w.last_errors
     );
-    let new_conn = format!(
-        "host=127.0.0.1 port={} user=postgres password={} dbname=app",
-        stack.agents()[new].pg_port(),
-        stack.state().password
-    );
-    let missing = rt
-        .block_on(missing_ids(&new_conn, table, &w.acked))
-        .unwrap();
-    assert!(missing.is_empty(), "acknowledged writes lost: {missing:?}");
-    let stale = r.primary_reads_from(old_port, killed_at);
-    assert!(
-        stale.is_empty(),
-        "reads served by the old primary: {stale:?}"
-    );
+    assert_no_acked_write_lost(&stack, &rt, new, table, &w);
+    // (The old primary is dead: whether a live one still gets reads is
+    // the frozen-agent test's question.)
     assert!(!r.reads.is_empty(), "the reader must have read");
     // The cluster heals: the surviving replica streams from the new leader
     // (rewound first if it had received WAL the new leader never got).
+    let healed = "the other replica to stream from the new leader";
+    wait_streaming_from(&stack, new, 1, healed);
+}
+
+/// The port of the node the read-write port sends a new transaction to.
+fn rw_routes_to(stack: &LocalStack) -> Option<u16> {
+    stack
+        .psql_rw("select inet_server_port()")
+        .ok()
+        .and_then(|p| p.parse().ok())
+}
+
+/// The leader's agent freezes (SIGSTOP: a stalled agent, a debugger)
+/// while its postgres lives on, writable, with nobody renewing the lease.
+/// Once the lease expires another node leads; from the moment the proxy
+/// routes there, the old primary, which still accepts writes from anyone
+/// who reaches it, must get no write and no read through the proxy.
+/// Resumed, the old agent demotes its postgres and rejoins as a replica.
+#[test]
+fn a_frozen_primary_agent_gets_no_traffic_once_another_node_leads() {
+    let stack = stack();
+    let table = "e2e_frozen";
+    let load = start_load(&stack, table);
+    wait_for_more_writes(&stack, table, 200);
+    let old = stack.leader_index().unwrap();
+    let old_port = stack.agents()[old].pg_port();
+    stack.agents()[old].pause_agent().unwrap();
+    let new = wait_until("another node to lead", Duration::from_secs(60), || {
+        Ok((0..stack.agents().len())
+            .filter(|i| *i != old)
+            .find(|i| stack.agents()[*i].is_writable().unwrap_or(false)))
+    })
+    .unwrap();
+    let new_port = stack.agents()[new].pg_port();
     wait_until(
-        "the other replica to stream from the new leader",
-        Duration::from_secs(60),
-        || {
-            let n = stack.agents()[new]
-                .psql("select count(*) from pg_stat_replication where state = 'streaming'")
-                .map_err(|e| e.to_string())?;
-            Ok((n == "1").then_some(()))
-        },
+        "the proxy to route to the new leader",
+        Duration::from_secs(30),
+        || Ok((rw_routes_to(&stack) == Some(new_port)).then_some(())),
     )
     .unwrap();
+    let routed_at = Instant::now();
+    // The writer's transactions now run on the new leader: what the old
+    // primary holds from here on is all it will ever get through the proxy.
+    wait_for_more_writes(&stack, table, 50);
+    let password = &stack.state().password;
+    let count_old = || {
+        let sql = format!("select count(*) from {table}");
+        psql_with(old_port, "postgres", "app", password, &sql)
+    };
+    let on_old = count_old().unwrap();
+    wait_for_more_writes(&stack, table, 200);
+    assert_eq!(
+        stack.agents()[old].is_writable().ok(),
+        Some(true),
+        "the frozen agent's postgres must still take writes, or this test tests nothing"
+    );
+    assert_eq!(
+        count_old().unwrap(),
+        on_old,
+        "writes reached the old primary after the proxy moved to the new leader"
+    );
+    let (w, r, rt) = load.finish();
+    println!(
+        "frozen primary agent: write unavailability {:?}, {} acked, {} failed, {} reads",
+        w.worst_window(),
+        w.acked.len(),
+        w.failures,
+        r.reads.len()
+    );
+    assert_no_acked_write_lost(&stack, &rt, new, table, &w);
+    let stale = r.primary_reads_from(old_port, routed_at);
+    assert!(
+        stale.is_empty(),
+        "reads served by the old primary after the proxy moved: {stale:?}"
+    );
+    assert!(
+        r.reads.iter().any(|x| x.asked >= routed_at),
+        "the reader must have read after the move"
+    );
+    // Woken, the old agent finds its lease gone and another leader: its
+    // postgres is demoted and follows the new leader.
+    stack.agents()[old].resume_agent().unwrap();
+    let rejoined = "the old primary and the other replica to stream from the new leader";
+    wait_streaming_from(&stack, new, 2, rejoined);
+    assert_eq!(stack.agents()[old].is_writable().ok(), Some(false));
 }
 
 #[test]
@@ -179,8 +270,16 @@ fn switchover_behind_the_proxy_fails_no_transaction() {
         Ok((stack.leader_index() == Some(candidate)).then_some(()))
     })
     .unwrap();
+    let led_at = Instant::now();
     wait_for_more_writes(&stack, table, 200);
-    let (w, _r, _rt) = load.finish();
+    let (w, r, _rt) = load.finish();
+    // The old primary lives on as a replica: from the moment the candidate
+    // alone was writable, no read may find the old one writable again.
+    let stale = r.primary_reads_from(stack.agents()[old].pg_port(), led_at);
+    assert!(
+        stale.is_empty(),
+        "reads served by the old primary as a primary: {stale:?}"
+    );
     println!(
         "switchover: write pause {:?}, {} acked, {} failed",
         w.max_gap,
@@ -189,6 +288,13 @@ fn switchover_behind_the_proxy_fails_no_transaction() {
     );
     assert_eq!(w.failures, 0, "failed transactions: {:?}", w.last_errors);
     assert_eq!(w.reconnects, 0);
+    // About 0.3 s here; bounded below the proxy's switchover drain bound
+    // (3 s), which a pause that waited it out would reach.
+    assert!(
+        w.max_gap < Duration::from_secs(2),
+        "writes paused {:?}",
+        w.max_gap
+    );
 }
 
 #[test]

@@ -14,14 +14,22 @@ use pgha_cluster::Role;
 use pgha_local::wait_until;
 use pgha_proxy::config::PoolMode;
 
-#[test]
-fn writes_go_to_the_etcd_leader_reads_to_fresh_replicas_with_truthful_parameters() {
-    let c = Cluster::start("px-route");
+/// The etcd cluster and a transaction-mode proxy that routes to its
+/// leader (pg1) and its replica (pg2).
+fn routing_to_both(label: &str) -> (Cluster, Running) {
+    let c = Cluster::start(label);
     let p = Running::start(c.config(PoolMode::Transaction));
     let shared = p.handle().shared.clone();
     wait_routing(&shared, "leader and one replica", |t| {
         t.leader.is_some() && t.replicas.len() == 1
     });
+    (c, p)
+}
+
+#[test]
+fn writes_go_to_the_etcd_leader_reads_to_fresh_replicas_with_truthful_parameters() {
+    let (c, p) = routing_to_both("px-route");
+    let shared = p.handle().shared.clone();
     let (mut rw, rw_params) = Raw::connect_with_params(p.rw());
     let (mut ro, ro_params) = Raw::connect_with_params(p.ro());
     assert_eq!(server_port(&mut rw), c.pg1.port());
@@ -76,6 +84,15 @@ fn writes_go_to_the_etcd_leader_reads_to_fresh_replicas_with_truthful_parameters
     );
     // Same node again: nothing to tell.
     assert_eq!(port_and_standby(&mut ro2), (c.pg1.port(), None));
+}
+
+/// A cancel sent to the read-only port reaches the replica running the
+/// query (the leader, given the replica's key, would end nothing).
+#[test]
+fn a_cancel_on_the_read_only_port_reaches_the_replica_running_the_query() {
+    let (c, p) = routing_to_both("px-ro-cancel");
+    let (ro, replica) = (p.ro(), c.pg2.port());
+    p.rt.block_on(common::cancel_a_running_sleep(ro, replica));
 }
 
 /// The port of the server that ran a query, and the `in_hot_standby` the

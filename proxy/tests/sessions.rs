@@ -28,25 +28,7 @@ fn cancel_reaches_the_running_query_and_never_another_clients() {
     let port = p.rw();
     let pg_port = pg.port();
     p.rt.block_on(async move {
-        let a = Running::client(port).await;
-        let token = a.cancel_token();
-        let running = tokio::spawn(async move { a.simple_query("select pg_sleep(30)").await });
-        tokio::task::spawn_blocking(move || {
-            let running = "query like 'select pg_sleep(30)%' and state = 'active'";
-            wait_backends(pg_port, running, 1);
-        })
-        .await
-        .unwrap();
-        token.cancel_query(tokio_postgres::NoTls).await.unwrap();
-        let err = tokio::time::timeout(Duration::from_secs(10), running)
-            .await
-            .expect("cancel must end the query quickly")
-            .unwrap()
-            .unwrap_err();
-        assert_eq!(
-            err.code(),
-            Some(&tokio_postgres::error::SqlState::QUERY_CANCELED)
-        );
+        common::cancel_a_running_sleep(port, pg_port).await;
 
         // An idle client's cancel must not hit the next user of its server.
         let idle = Running::client(port).await;
@@ -107,16 +89,8 @@ fn cancel_reaches_a_client_still_waiting_for_a_server() {
         .await
         .unwrap()
         .unwrap();
-        token.cancel_query(tokio_postgres::NoTls).await.unwrap();
-        let err = tokio::time::timeout(Duration::from_secs(10), waiting)
-            .await
-            .expect("the waiting client is released by its cancel")
-            .unwrap()
-            .unwrap_err();
-        assert_eq!(
-            err.code(),
-            Some(&tokio_postgres::error::SqlState::QUERY_CANCELED)
-        );
+        let released = "the waiting client is released by its cancel";
+        common::cancel_ends(token, waiting, released).await;
     });
     holder.query("commit");
 }

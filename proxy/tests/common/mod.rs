@@ -224,6 +224,44 @@ pub fn wait_backends(pg_port: u16, condition: &str, n: usize) {
     .unwrap();
 }
 
+/// Runs `select pg_sleep(30)` through the proxy's `port`, waits until it
+/// runs on the server on `pg_port`, sends the client's cancel and expects
+/// the query to end with 57014 within 10 s (a cancel sent anywhere else
+/// would end nothing).
+pub async fn cancel_a_running_sleep(port: u16, pg_port: u16) {
+    let client = Running::client(port).await;
+    let token = client.cancel_token();
+    let running = tokio::spawn(async move { client.simple_query("select pg_sleep(30)").await });
+    tokio::task::spawn_blocking(move || {
+        let sleeping = "query = 'select pg_sleep(30)' and state = 'active'";
+        wait_backends(pg_port, sleeping, 1);
+    })
+    .await
+    .unwrap();
+    cancel_ends(token, running, "the cancel must end the query quickly").await;
+}
+
+/// Sends the cancel of `token` and expects the `request` it was meant
+/// for to end with 57014 within 10 s (`what` says why it should).
+pub async fn cancel_ends(
+    token: tokio_postgres::CancelToken,
+    request: tokio::task::JoinHandle<
+        Result<Vec<tokio_postgres::SimpleQueryMessage>, tokio_postgres::Error>,
+    >,
+    what: &str,
+) {
+    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(10), request)
+        .await
+        .expect(what)
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::QUERY_CANCELED)
+    );
+}
+
 /// A proxy in transaction mode with a pool of one server connection and a
 /// 300 ms checkout timeout.
 pub fn one_server(label: &str) -> (Sandbox, PgInstance, Running) {
