@@ -6,7 +6,9 @@
 //! It reads only files: `postmaster.pid` (is postgres running?) and
 //! `standby.signal` (is it a standby?), and sends the postmaster SIGQUIT
 //! (immediate shutdown: every session ends at once). The HA loop sees the
-//! exit and decides what comes next.
+//! exit and decides what comes next. Each move of the deadline is also
+//! sent to the fencing keeper (`keeper`), which acts if the whole agent
+//! stalls, watchdog included.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -16,11 +18,12 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio_util::sync::CancellationToken;
 
+use super::keeper::Keeper;
 use super::{lease, Shared};
 use crate::postgres::postmaster_pid;
 
 /// The running postmaster of `data_dir` if it runs as a primary.
-fn running_primary(data_dir: &Path) -> Option<i32> {
+pub(super) fn running_primary(data_dir: &Path) -> Option<i32> {
     if data_dir.join("standby.signal").exists() {
         return None;
     }
@@ -28,10 +31,19 @@ fn running_primary(data_dir: &Path) -> Option<i32> {
 }
 
 /// Watches the lease until `shutdown`.
-pub(super) async fn watchdog(shared: Arc<Shared>, data_dir: PathBuf, shutdown: CancellationToken) {
+pub(super) async fn watchdog(
+    shared: Arc<Shared>,
+    data_dir: PathBuf,
+    mut keeper: Option<Keeper>,
+    shutdown: CancellationToken,
+) {
     loop {
-        let limit = shared.cluster_config().fence_after();
+        let config = shared.cluster_config();
+        let limit = config.fence_after();
         let deadline = lease::renewed_at(&shared).map(|t| t + limit);
+        if let Some(k) = keeper.as_mut() {
+            k.tell(deadline, config.retry_timeout / 2);
+        }
         let wait = match deadline {
             // No lease yet: we cannot have been leader.
             None => Duration::from_millis(200),

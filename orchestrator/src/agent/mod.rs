@@ -10,6 +10,7 @@
 
 mod act;
 mod fence;
+pub mod keeper;
 mod lease;
 
 use std::sync::{Arc, Mutex};
@@ -134,9 +135,16 @@ impl Agent {
             tracing::warn!(error = %e, "could not stop a stray postmaster");
         }
         tokio::spawn(lease::keep_alive(self.shared.clone(), shutdown.clone()));
+        let data_dir = self.shared.cfg.postgres.data_dir.clone();
+        let keeper = keeper::Keeper::spawn(&data_dir)
+            .inspect_err(|e| {
+                tracing::error!(error = %e, "could not start the fencing keeper: only the in-process watchdog fences")
+            })
+            .ok();
         tokio::spawn(fence::watchdog(
             self.shared.clone(),
-            self.shared.cfg.postgres.data_dir.clone(),
+            data_dir,
+            keeper,
             shutdown.clone(),
         ));
         let mut watching = false;

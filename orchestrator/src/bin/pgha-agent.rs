@@ -32,8 +32,19 @@ fn init_logs(format: LogFormat) {
     }
 }
 
+fn main() -> anyhow::Result<()> {
+    let mut argv = std::env::args_os().skip(1);
+    if argv.next().is_some_and(|a| a == agent::keeper::KEEPER_ARG) {
+        let data_dir = argv
+            .next()
+            .context("--fence-keeper needs the data directory")?;
+        return agent::keeper::run(data_dir.as_ref()).context("fence keeper");
+    }
+    agent_main()
+}
+
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn agent_main() -> anyhow::Result<()> {
     let args = Args::parse();
     let cfg = match AgentConfig::load(&args.config) {
         Ok(c) => Arc::new(c),

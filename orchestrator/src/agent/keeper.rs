@@ -1,0 +1,196 @@
+//! The fencing keeper: a process of its own that stops a writable postgres
+//! when the agent stops telling it that the lease is being renewed.
+//!
+//! The watchdog in `fence` runs inside the agent, so it stalls with it: a
+//! stopped agent (SIGSTOP, a debugger, a frozen cgroup, a process stuck in
+//! the kernel) would leave its postgres accepting writes after the lease
+//! expired and another member was promoted. The keeper is the backstop,
+//! as Patroni's watchdog device is for Patroni. The agent writes to the
+//! keeper's stdin, each time its fencing deadline moves, how many
+//! milliseconds are left until it (`none` without a lease); the keeper
+//! fences at that moment plus half a `retry_timeout`: after the agent's
+//! own watchdog had its chance, still before the lease can expire
+//! (`ttl ≥ loop_wait + 2 × retry_timeout`). It fences by SIGQUIT to the
+//! postmaster (immediate shutdown), exactly as the watchdog does, and
+//! exits when the pipe closes: the agent is gone, and its postgres with it
+//! (see `die_with_agent`).
+
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::Path;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{kill, SigSet, Signal};
+use nix::unistd::Pid;
+
+use super::fence::running_primary;
+
+/// The first argument that makes `pgha-agent` a keeper.
+pub const KEEPER_ARG: &str = "--fence-keeper";
+
+/// What the agent tells the keeper.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deadline {
+    /// Fence once this much time has passed without a newer message.
+    In(Duration),
+    /// No lease: nothing to fence on time.
+    None,
+}
+
+impl Deadline {
+    fn encode(self) -> String {
+        match self {
+            Deadline::In(d) => format!("{}\n", d.as_millis()),
+            Deadline::None => "none\n".into(),
+        }
+    }
+
+    fn decode(line: &str) -> Option<Deadline> {
+        match line.trim() {
+            "none" => Some(Deadline::None),
+            ms => ms
+                .parse()
+                .ok()
+                .map(|ms| Deadline::In(Duration::from_millis(ms))),
+        }
+    }
+}
+
+/// The agent's end: the keeper process and the pipe to it.
+pub struct Keeper {
+    child: Child,
+    stdin: ChildStdin,
+    /// The deadline last sent, as an instant of the agent's clock.
+    sent: Option<Option<Instant>>,
+    broken: bool,
+}
+
+impl Keeper {
+    /// Starts the keeper for the postgres in `data_dir`, from the agent's
+    /// own executable.
+    pub fn spawn(data_dir: &Path) -> std::io::Result<Keeper> {
+        let exe = std::env::current_exe()?;
+        let mut child = Command::new(exe)
+            .arg(KEEPER_ARG)
+            .arg(data_dir)
+            .stdin(Stdio::piped())
+            .spawn()?;
+        let stdin = child
+            .stdin
+            .take()
+            .ok_or_else(|| std::io::Error::other("no pipe to the keeper"))?;
+        // Never block the agent on a keeper that stopped reading.
+        let flags = nix::fcntl::fcntl(stdin.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL)?;
+        let flags = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+        nix::fcntl::fcntl(stdin.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(flags))?;
+        Ok(Keeper {
+            child,
+            stdin,
+            sent: None,
+            broken: false,
+        })
+    }
+
+    /// Tells the keeper the fencing deadline (`None`: no lease), plus
+    /// `margin`, if it moved since the last time.
+    pub fn tell(&mut self, deadline: Option<Instant>, margin: Duration) {
+        if self.broken || self.sent == Some(deadline) {
+            return;
+        }
+        let msg = match deadline {
+            Some(d) => Deadline::In(d.saturating_duration_since(Instant::now()) + margin),
+            None => Deadline::None,
+        };
+        match self.stdin.write_all(msg.encode().as_bytes()) {
+            Ok(()) => self.sent = Some(deadline),
+            // A full pipe: the keeper is not reading (stopped too); the
+            // next change is sent again.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => {
+                tracing::error!(error = %e, "the fencing keeper is gone: only the in-process watchdog fences now");
+                self.broken = true;
+            }
+        }
+    }
+}
+
+impl Drop for Keeper {
+    fn drop(&mut self) {
+        // Closing the pipe ends it; reap it so no zombie is left.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The keeper's own loop (the process `pgha-agent --fence-keeper DIR`):
+/// returns when the agent closes the pipe.
+pub fn run(data_dir: &Path) -> std::io::Result<()> {
+    // A Ctrl-C or SIGTERM meant for the agent's process group leaves the
+    // keeper to the end of the agent's drain: it goes when the pipe does.
+    let mut quiet = SigSet::empty();
+    quiet.add(Signal::SIGINT);
+    quiet.add(Signal::SIGTERM);
+    quiet.thread_block()?;
+    // Unbuffered: each poll must see every byte not read yet.
+    let mut stdin = std::fs::File::from(std::io::stdin().as_fd().try_clone_to_owned()?);
+    let mut deadline: Option<Instant> = None;
+    let mut pending = String::new();
+    let mut buf = [0u8; 512];
+    loop {
+        let timeout = match deadline {
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                PollTimeout::try_from(left.as_millis().min(60_000) as u32 + 1)
+                    .unwrap_or(PollTimeout::MAX)
+            }
+            None => PollTimeout::NONE,
+        };
+        let mut fds = [PollFd::new(stdin.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, timeout) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let readable = fds[0]
+            .revents()
+            .is_some_and(|r| r.intersects(PollFlags::POLLIN | PollFlags::POLLHUP));
+        if readable {
+            let n = stdin.read(&mut buf)?;
+            if n == 0 {
+                return Ok(());
+            }
+            pending.push_str(&String::from_utf8_lossy(&buf[..n]));
+            while let Some(end) = pending.find('\n') {
+                let line: String = pending.drain(..=end).collect();
+                match Deadline::decode(&line) {
+                    Some(Deadline::In(d)) => deadline = Some(Instant::now() + d),
+                    Some(Deadline::None) => deadline = None,
+                    None => eprintln!("pgha fence keeper: ignoring {line:?}"),
+                }
+            }
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            deadline = None;
+            if let Some(pid) = running_primary(data_dir) {
+                eprintln!(
+                    "pgha fence keeper: the agent has not renewed its lease in time (stalled?): stopping postgres (pid {pid}) now"
+                );
+                let _ = kill(Pid::from_raw(pid), Signal::SIGQUIT);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deadlines_survive_the_pipe() {
+        for d in [Deadline::In(Duration::from_millis(4500)), Deadline::None] {
+            assert_eq!(Deadline::decode(&d.encode()), Some(d));
+        }
+        assert_eq!(Deadline::decode("soon\n"), None);
+    }
+}
