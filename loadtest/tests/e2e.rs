@@ -192,9 +192,14 @@ fn a_frozen_primary_agent_is_fenced_before_another_node_leads() {
         "two nodes took writes at once: {two_primaries:?}"
     );
     assert_eq!(
-        writable(),
-        vec![new],
+        stack.agents()[old].postmaster_pid(),
+        None,
         "the frozen agent's postgres must be stopped before another node leads"
+    );
+    let log = std::fs::read_to_string(stack.agents()[old].agent_log()).unwrap();
+    assert!(
+        log.contains("pgha fence keeper: the agent has not renewed its lease in time"),
+        "the keeper, not something else, stopped it"
     );
     wait_for_more_writes(&stack, table, 200);
     let (w, _r, rt) = load.finish();

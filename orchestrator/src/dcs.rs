@@ -150,15 +150,17 @@ impl Dcs {
         self.timeout = timeout;
     }
 
-    /// Grants a lease of `ttl`.
-    pub async fn grant_lease(&self, ttl: Duration) -> Result<i64, DcsError> {
-        let secs = ttl.as_secs().max(2) as i64;
+    /// Grants a lease of `ttl`, rounded up to whole seconds (etcd's unit):
+    /// never shorter than asked. Returns its id and the TTL etcd granted.
+    pub async fn grant_lease(&self, ttl: Duration) -> Result<(i64, Duration), DcsError> {
+        let secs = ttl.as_secs_f64().ceil().max(2.0) as i64;
         let r = retrying("lease grant", self.timeout, || {
             let mut c = self.client.clone();
             async move { c.lease_grant(secs, None).await }
         })
         .await?;
-        Ok(r.id())
+        let granted = u64::try_from(r.ttl()).unwrap_or(0).max(2);
+        Ok((r.id(), Duration::from_secs(granted)))
     }
 
     /// Renews `lease` once; fails if it already expired.

@@ -1,5 +1,6 @@
 //! The fencing watchdog: a writable postgres is stopped the moment the lease
-//! has gone unrenewed for `loop_wait + retry_timeout`, whatever the HA loop
+//! has gone unrenewed for `loop_wait + retry_timeout` (less if the lease
+//! granted is shorter than that allows, see `lease::fencing`), whatever the HA loop
 //! is doing at that instant (it may be blocked for a while on an etcd request
 //! that will time out). Invariant 2 must not wait behind anything.
 //!
@@ -38,11 +39,9 @@ pub(super) async fn watchdog(
     shutdown: CancellationToken,
 ) {
     loop {
-        let config = shared.cluster_config();
-        let limit = config.fence_after();
-        let deadline = lease::renewed_at(&shared).map(|t| t + limit);
+        let (deadline, margin) = lease::fence_deadline(&shared);
         if let Some(k) = keeper.as_mut() {
-            k.tell(deadline, config.retry_timeout / 2);
+            k.tell(deadline, margin);
         }
         let wait = match deadline {
             // No lease yet: we cannot have been leader.
@@ -53,8 +52,7 @@ pub(super) async fn watchdog(
             if let Some(pid) = running_primary(&data_dir) {
                 tracing::warn!(
                     pid,
-                    ?limit,
-                    "fencing: lease not renewed within loop_wait + retry_timeout, stopping postgres now"
+                    "fencing: lease not renewed within loop_wait + retry_timeout (or the lease's life), stopping postgres now"
                 );
                 let _ = kill(Pid::from_raw(pid), Signal::SIGQUIT);
                 shared.wake.notify_one();

@@ -6,17 +6,18 @@
 //! the kernel) would leave its postgres accepting writes after the lease
 //! expired and another member was promoted. The keeper is the backstop,
 //! as Patroni's watchdog device is for Patroni. The agent writes to the
-//! keeper's stdin, each time its fencing deadline moves, how many
-//! milliseconds are left until it (`none` without a lease); the keeper
-//! fences at that moment plus half a `retry_timeout`: after the agent's
-//! own watchdog had its chance, still before the lease can expire
-//! (`ttl ≥ loop_wait + 2 × retry_timeout`). It fences by SIGQUIT to the
+//! keeper's stdin, each time its fencing deadline moves, that deadline
+//! plus a margin (half a `retry_timeout`, see `lease::fencing`) as a time
+//! of `CLOCK_MONOTONIC` (`none` without a lease): the keeper fences after
+//! the agent's own watchdog had its chance, still before the lease can
+//! expire, and stays armed until a newer deadline comes. It fences by SIGQUIT to the
 //! postmaster (immediate shutdown), exactly as the watchdog does, and
 //! exits when the pipe closes: the agent is gone, and its postgres with it
 //! (see `die_with_agent`).
 
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -30,11 +31,22 @@ use super::fence::running_primary;
 /// The first argument that makes `pgha-agent` a keeper.
 pub const KEEPER_ARG: &str = "--fence-keeper";
 
+/// Now on `CLOCK_MONOTONIC`, the clock both processes share (the one
+/// `Instant` reads): deadlines cross the pipe as absolute times, so a
+/// message read late (a keeper descheduled, or stopped and resumed) does
+/// not move the deadline later.
+fn monotonic_now() -> Duration {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(Duration::from)
+        .unwrap_or_default()
+}
+
 /// What the agent tells the keeper.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Deadline {
-    /// Fence once this much time has passed without a newer message.
-    In(Duration),
+    /// Fence at this time of `CLOCK_MONOTONIC` unless a newer message
+    /// came first.
+    At(Duration),
     /// No lease: nothing to fence on time.
     None,
 }
@@ -42,7 +54,7 @@ pub enum Deadline {
 impl Deadline {
     fn encode(self) -> String {
         match self {
-            Deadline::In(d) => format!("{}\n", d.as_millis()),
+            Deadline::At(t) => format!("{}\n", t.as_nanos()),
             Deadline::None => "none\n".into(),
         }
     }
@@ -50,10 +62,10 @@ impl Deadline {
     fn decode(line: &str) -> Option<Deadline> {
         match line.trim() {
             "none" => Some(Deadline::None),
-            ms => ms
+            ns => ns
                 .parse()
                 .ok()
-                .map(|ms| Deadline::In(Duration::from_millis(ms))),
+                .map(|ns| Deadline::At(Duration::from_nanos(ns))),
         }
     }
 }
@@ -72,10 +84,14 @@ impl Keeper {
     /// own executable.
     pub fn spawn(data_dir: &Path) -> std::io::Result<Keeper> {
         let exe = std::env::current_exe()?;
+        // A process group of its own: a stop sent to the agent's group
+        // (Ctrl-Z, `kill -STOP -PGID`) must not stop the keeper too, while
+        // postgres, in a group of its own as well, runs on.
         let mut child = Command::new(exe)
             .arg(KEEPER_ARG)
             .arg(data_dir)
             .stdin(Stdio::piped())
+            .process_group(0)
             .spawn()?;
         let stdin = child
             .stdin
@@ -100,7 +116,17 @@ impl Keeper {
             return;
         }
         let msg = match deadline {
-            Some(d) => Deadline::In(d.saturating_duration_since(Instant::now()) + margin),
+            Some(d) => {
+                // The same instant on the shared clock (an Instant cannot
+                // be read as one directly).
+                let left = d.checked_duration_since(Instant::now());
+                let now = monotonic_now();
+                let at = match left {
+                    Some(left) => now + left,
+                    None => now.saturating_sub(Instant::now() - d),
+                };
+                Deadline::At(at + margin)
+            }
             None => Deadline::None,
         };
         match self.stdin.write_all(msg.encode().as_bytes()) {
@@ -109,7 +135,8 @@ impl Keeper {
             // next change is sent again.
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => {
-                tracing::error!(error = %e, "the fencing keeper is gone: only the in-process watchdog fences now");
+                let status = self.child.try_wait().ok().flatten();
+                tracing::error!(error = %e, ?status, "the fencing keeper is gone: only the in-process watchdog fences now");
                 self.broken = true;
             }
         }
@@ -127,26 +154,29 @@ impl Drop for Keeper {
 /// The keeper's own loop (the process `pgha-agent --fence-keeper DIR`):
 /// returns when the agent closes the pipe.
 pub fn run(data_dir: &Path) -> std::io::Result<()> {
-    // A Ctrl-C or SIGTERM meant for the agent's process group leaves the
-    // keeper to the end of the agent's drain: it goes when the pipe does.
+    // A SIGINT or SIGTERM for every process (systemd stops a whole cgroup)
+    // is not the keeper's to act on: it goes when the agent closes the
+    // pipe (the agent ends it when its watchdog stops).
     let mut quiet = SigSet::empty();
     quiet.add(Signal::SIGINT);
     quiet.add(Signal::SIGTERM);
     quiet.thread_block()?;
     // Unbuffered: each poll must see every byte not read yet.
     let mut stdin = std::fs::File::from(std::io::stdin().as_fd().try_clone_to_owned()?);
-    let mut deadline: Option<Instant> = None;
+    let mut deadline: Option<Duration> = None;
     let mut pending = String::new();
     let mut buf = [0u8; 512];
     loop {
         let timeout = match deadline {
-            Some(d) => {
-                let left = d.saturating_duration_since(Instant::now());
-                PollTimeout::try_from(left.as_millis().min(60_000) as u32 + 1)
-                    .unwrap_or(PollTimeout::MAX)
-            }
-            None => PollTimeout::NONE,
+            // Past the deadline it stays armed, looking again every 100 ms
+            // (a postmaster may appear, or lose its standby.signal), until
+            // the agent sends a newer deadline.
+            Some(d) => d
+                .saturating_sub(monotonic_now())
+                .clamp(Duration::from_millis(1), Duration::from_millis(100)),
+            None => Duration::from_secs(60),
         };
+        let timeout = PollTimeout::try_from(timeout.as_millis() as u32).unwrap_or(PollTimeout::MAX);
         let mut fds = [PollFd::new(stdin.as_fd(), PollFlags::POLLIN)];
         match poll(&mut fds, timeout) {
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
@@ -164,14 +194,13 @@ pub fn run(data_dir: &Path) -> std::io::Result<()> {
             while let Some(end) = pending.find('\n') {
                 let line: String = pending.drain(..=end).collect();
                 match Deadline::decode(&line) {
-                    Some(Deadline::In(d)) => deadline = Some(Instant::now() + d),
+                    Some(Deadline::At(t)) => deadline = Some(t),
                     Some(Deadline::None) => deadline = None,
                     None => eprintln!("pgha fence keeper: ignoring {line:?}"),
                 }
             }
         }
-        if deadline.is_some_and(|d| Instant::now() >= d) {
-            deadline = None;
+        if deadline.is_some_and(|d| monotonic_now() >= d) {
             if let Some(pid) = running_primary(data_dir) {
                 eprintln!(
                     "pgha fence keeper: the agent has not renewed its lease in time (stalled?): stopping postgres (pid {pid}) now"
@@ -188,7 +217,10 @@ mod tests {
 
     #[test]
     fn deadlines_survive_the_pipe() {
-        for d in [Deadline::In(Duration::from_millis(4500)), Deadline::None] {
+        for d in [
+            Deadline::At(monotonic_now() + Duration::from_millis(4500)),
+            Deadline::None,
+        ] {
             assert_eq!(Deadline::decode(&d.encode()), Some(d));
         }
         assert_eq!(Deadline::decode("soon\n"), None);
