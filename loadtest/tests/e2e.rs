@@ -198,7 +198,7 @@ fn a_frozen_primary_agent_is_fenced_before_another_node_leads() {
     );
     let log = std::fs::read_to_string(stack.agents()[old].agent_log()).unwrap();
     assert!(
-        log.contains("pgha fence keeper: the agent has not renewed its lease in time"),
+        log.contains("fence keeper: the agent has not renewed its lease in time"),
         "the keeper, not something else, stopped it"
     );
     wait_for_more_writes(&stack, table, 200);

@@ -26,6 +26,11 @@ pub fn postgres_up(up: bool) {
     metrics::gauge!("pgha_agent_postgres_up").set(if up { 1.0 } else { 0.0 });
 }
 
+/// Whether the fencing keeper process runs (see `agent::keeper`).
+pub fn fence_keeper_up(up: bool) {
+    metrics::gauge!("pgha_agent_fence_keeper_up").set(if up { 1.0 } else { 0.0 });
+}
+
 pub fn lease_renewal(took: Duration) {
     metrics::gauge!("pgha_agent_lease_renewal_seconds").set(took.as_secs_f64());
 }

@@ -1,6 +1,7 @@
 //! The safety invariants under faults: no acknowledged commit lost in
 //! synchronous mode, a leader cut off from etcd fences itself in time with
-//! never two writable primaries, and pause mode really takes no action.
+//! never two writable primaries, pause mode really takes no action, and
+//! the fencing keeper is kept running.
 
 #![allow(clippy::unwrap_used)] // a test fails loudly on any unexpected error
 
@@ -10,7 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{Cluster, SplitBrainWatch, SETTLE};
-use pgha_local::{psql_with_password, wait_until, AgentOptions};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use pgha_local::{processes_under, psql_with_password, wait_until, AgentOptions};
 
 fn opts(n: usize, bootstrap: &[&str]) -> Vec<AgentOptions> {
     let o = AgentOptions {
@@ -186,4 +189,39 @@ fn leader_agent_killed_alone_takes_its_postgres_down_and_no_two_primaries_exist(
         1,
         "at most one writable primary at any moment"
     );
+}
+
+/// The fencing keeper (a process of its own, which fences a stalled
+/// agent's postgres: see the e2e frozen-agent test) is started again when
+/// it dies, and `pgha_agent_fence_keeper_up` says whether one runs.
+#[test]
+fn a_killed_fencing_keeper_is_started_again() {
+    let c = Cluster::start_n("keeper", 1);
+    c.wait_healthy(SETTLE);
+    let node = &c.nodes[0];
+    let keepers = || -> Vec<u32> {
+        processes_under(&node.data_dir())
+            .into_iter()
+            .filter(|(_, cmdline)| cmdline.contains("--fence-keeper"))
+            .map(|(pid, _)| pid)
+            .collect()
+    };
+    let first = keepers();
+    assert_eq!(first.len(), 1, "one keeper per agent: {first:?}");
+    let keeper_up = || {
+        node.api_get("/metrics")
+            .is_ok_and(|(_, text)| text.lines().any(|l| l == "pgha_agent_fence_keeper_up 1"))
+    };
+    assert!(keeper_up());
+    kill(Pid::from_raw(first[0] as i32), Signal::SIGKILL).unwrap();
+    let second = wait_until("another keeper", Duration::from_secs(20), || {
+        let now = keepers();
+        Ok((now.len() == 1 && now != first).then(|| now[0]))
+    })
+    .unwrap();
+    assert_ne!(second, first[0]);
+    wait_until("the metric to say so", Duration::from_secs(5), || {
+        Ok(keeper_up().then_some(()))
+    })
+    .unwrap();
 }

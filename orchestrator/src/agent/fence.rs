@@ -35,14 +35,12 @@ pub(super) fn running_primary(data_dir: &Path) -> Option<i32> {
 pub(super) async fn watchdog(
     shared: Arc<Shared>,
     data_dir: PathBuf,
-    mut keeper: Option<Keeper>,
+    mut keeper: Keeper,
     shutdown: CancellationToken,
 ) {
     loop {
         let (deadline, margin) = lease::fence_deadline(&shared);
-        if let Some(k) = keeper.as_mut() {
-            k.tell(deadline, margin);
-        }
+        keeper.tell(deadline, margin);
         let wait = match deadline {
             // No lease yet: we cannot have been leader.
             None => Duration::from_millis(200),

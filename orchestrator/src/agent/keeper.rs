@@ -18,7 +18,7 @@
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,8 @@ use nix::sys::signal::{kill, SigSet, Signal};
 use nix::unistd::Pid;
 
 use super::fence::running_primary;
+use crate::config::LogFormat;
+use crate::metrics;
 
 /// The first argument that makes `pgha-agent` a keeper.
 pub const KEEPER_ARG: &str = "--fence-keeper";
@@ -70,19 +72,19 @@ impl Deadline {
     }
 }
 
-/// The agent's end: the keeper process and the pipe to it.
-pub struct Keeper {
+/// How long the agent waits before starting a keeper that died or could
+/// not start again.
+const RESPAWN_AFTER: Duration = Duration::from_secs(5);
+
+/// A running keeper process and the pipe to it.
+struct Process {
     child: Child,
     stdin: ChildStdin,
-    /// The deadline last sent, as an instant of the agent's clock.
-    sent: Option<Option<Instant>>,
-    broken: bool,
 }
 
-impl Keeper {
-    /// Starts the keeper for the postgres in `data_dir`, from the agent's
-    /// own executable.
-    pub fn spawn(data_dir: &Path) -> std::io::Result<Keeper> {
+impl Process {
+    /// Starts a keeper for `data_dir` from the agent's own executable.
+    fn spawn(data_dir: &Path, log_format: LogFormat) -> std::io::Result<Process> {
         let exe = std::env::current_exe()?;
         // A process group of its own: a stop sent to the agent's group
         // (Ctrl-Z, `kill -STOP -PGID`) must not stop the keeper too, while
@@ -90,29 +92,82 @@ impl Keeper {
         let mut child = Command::new(exe)
             .arg(KEEPER_ARG)
             .arg(data_dir)
+            .arg(match log_format {
+                LogFormat::Text => "text",
+                LogFormat::Json => "json",
+            })
             .stdin(Stdio::piped())
             .process_group(0)
             .spawn()?;
-        let stdin = child
-            .stdin
-            .take()
-            .ok_or_else(|| std::io::Error::other("no pipe to the keeper"))?;
+        let Some(stdin) = child.stdin.take() else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(std::io::Error::other("no pipe to the keeper"));
+        };
         // Never block the agent on a keeper that stopped reading.
         let flags = nix::fcntl::fcntl(stdin.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL)?;
         let flags = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
         nix::fcntl::fcntl(stdin.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(flags))?;
-        Ok(Keeper {
-            child,
-            stdin,
+        Ok(Process { child, stdin })
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        // Ends it (closing the pipe would too) and reaps it: no zombie.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The agent's end: the keeper of one data directory, started again when
+/// it dies (`pgha_agent_fence_keeper_up` tells whether one runs).
+pub struct Keeper {
+    data_dir: PathBuf,
+    log_format: LogFormat,
+    process: Option<Process>,
+    /// When to try starting one again, if none runs.
+    retry_at: Instant,
+    /// The deadline last sent, as an instant of the agent's clock.
+    sent: Option<Option<Instant>>,
+}
+
+impl Keeper {
+    /// A keeper for the postgres in `data_dir`, started at the first
+    /// [`Keeper::tell`]. It logs in the agent's `log_format`.
+    pub fn new(data_dir: &Path, log_format: LogFormat) -> Keeper {
+        Keeper {
+            data_dir: data_dir.to_owned(),
+            log_format,
+            process: None,
+            retry_at: Instant::now(),
             sent: None,
-            broken: false,
-        })
+        }
     }
 
     /// Tells the keeper the fencing deadline (`None`: no lease), plus
-    /// `margin`, if it moved since the last time.
+    /// `margin`, if it moved since the last time (or the keeper is new).
     pub fn tell(&mut self, deadline: Option<Instant>, margin: Duration) {
-        if self.broken || self.sent == Some(deadline) {
+        if self.process.is_none() {
+            if Instant::now() < self.retry_at {
+                return;
+            }
+            match Process::spawn(&self.data_dir, self.log_format) {
+                Ok(p) => {
+                    tracing::info!(pid = p.child.id(), "fencing keeper started");
+                    self.process = Some(p);
+                    self.sent = None;
+                    metrics::fence_keeper_up(true);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "could not start the fencing keeper: only the in-process watchdog fences a stalled agent's postgres");
+                    self.retry_at = Instant::now() + RESPAWN_AFTER;
+                    metrics::fence_keeper_up(false);
+                    return;
+                }
+            }
+        }
+        if self.sent == Some(deadline) {
             return;
         }
         let msg = match deadline {
@@ -129,29 +184,27 @@ impl Keeper {
             }
             None => Deadline::None,
         };
-        match self.stdin.write_all(msg.encode().as_bytes()) {
+        let Some(p) = self.process.as_mut() else {
+            return;
+        };
+        match p.stdin.write_all(msg.encode().as_bytes()) {
             Ok(()) => self.sent = Some(deadline),
             // A full pipe: the keeper is not reading (stopped too); the
             // next change is sent again.
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => {
-                let status = self.child.try_wait().ok().flatten();
-                tracing::error!(error = %e, ?status, "the fencing keeper is gone: only the in-process watchdog fences now");
-                self.broken = true;
+                let status = p.child.try_wait().ok().flatten();
+                tracing::error!(error = %e, ?status, "the fencing keeper died: starting another");
+                self.process = None;
+                self.retry_at = Instant::now() + Duration::from_secs(1);
+                metrics::fence_keeper_up(false);
             }
         }
     }
 }
 
-impl Drop for Keeper {
-    fn drop(&mut self) {
-        // Closing the pipe ends it; reap it so no zombie is left.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The keeper's own loop (the process `pgha-agent --fence-keeper DIR`):
+/// The keeper's own loop (the process `pgha-agent --fence-keeper DIR
+/// FORMAT`, logging set up by its `main`):
 /// returns when the agent closes the pipe.
 pub fn run(data_dir: &Path) -> std::io::Result<()> {
     // A SIGINT or SIGTERM for every process (systemd stops a whole cgroup)
@@ -196,14 +249,15 @@ pub fn run(data_dir: &Path) -> std::io::Result<()> {
                 match Deadline::decode(&line) {
                     Some(Deadline::At(t)) => deadline = Some(t),
                     Some(Deadline::None) => deadline = None,
-                    None => eprintln!("pgha fence keeper: ignoring {line:?}"),
+                    None => tracing::warn!("fence keeper: ignoring {line:?}"),
                 }
             }
         }
         if deadline.is_some_and(|d| monotonic_now() >= d) {
             if let Some(pid) = running_primary(data_dir) {
-                eprintln!(
-                    "pgha fence keeper: the agent has not renewed its lease in time (stalled?): stopping postgres (pid {pid}) now"
+                tracing::warn!(
+                    pid,
+                    "fence keeper: the agent has not renewed its lease in time (stalled?): stopping postgres now"
                 );
                 let _ = kill(Pid::from_raw(pid), Signal::SIGQUIT);
             }

@@ -136,11 +136,7 @@ impl Agent {
         }
         tokio::spawn(lease::keep_alive(self.shared.clone(), shutdown.clone()));
         let data_dir = self.shared.cfg.postgres.data_dir.clone();
-        let keeper = keeper::Keeper::spawn(&data_dir)
-            .inspect_err(|e| {
-                tracing::error!(error = %e, "could not start the fencing keeper: only the in-process watchdog fences")
-            })
-            .ok();
+        let keeper = keeper::Keeper::new(&data_dir, self.shared.cfg.log_format);
         tokio::spawn(fence::watchdog(
             self.shared.clone(),
             data_dir,

@@ -38,6 +38,12 @@ fn main() -> anyhow::Result<()> {
         let data_dir = argv
             .next()
             .context("--fence-keeper needs the data directory")?;
+        let json = argv.next().is_some_and(|f| f == "json");
+        init_logs(if json {
+            LogFormat::Json
+        } else {
+            LogFormat::Text
+        });
         return agent::keeper::run(data_dir.as_ref()).context("fence keeper");
     }
     agent_main()
