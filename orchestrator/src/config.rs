@@ -157,6 +157,22 @@ pub enum LogFormat {
     Json,
 }
 
+impl LogFormat {
+    /// Its name in the config and on a command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<LogFormat> {
+        [LogFormat::Text, LogFormat::Json]
+            .into_iter()
+            .find(|f| f.name() == name)
+    }
+}
+
 /// Everything one agent needs to know about itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -263,11 +279,8 @@ impl AgentConfig {
             }
         }
         if let Some(v) = s("PGHA_LOG_FORMAT") {
-            self.log_format = match v.as_str() {
-                "text" => LogFormat::Text,
-                "json" => LogFormat::Json,
-                _ => return Err(invalid("log_format", format!("{v:?} is not text or json"))),
-            };
+            self.log_format = LogFormat::parse(&v)
+                .ok_or_else(|| invalid("log_format", format!("{v:?} is not text or json")))?;
         }
         if let Some(v) = s("PGHA_NOFAILOVER") {
             self.tags.nofailover = parse_bool("tags.nofailover", &v)?;

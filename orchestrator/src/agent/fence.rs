@@ -24,11 +24,20 @@ use super::{lease, Shared};
 use crate::postgres::postmaster_pid;
 
 /// The running postmaster of `data_dir` if it runs as a primary.
-pub(super) fn running_primary(data_dir: &Path) -> Option<i32> {
+fn running_primary(data_dir: &Path) -> Option<i32> {
     if data_dir.join("standby.signal").exists() {
         return None;
     }
     postmaster_pid(data_dir)
+}
+
+/// Stops the postgres of `data_dir` at once (SIGQUIT: immediate shutdown)
+/// if it runs as a primary; returns its pid if it did. The watchdog and
+/// the keeper both fence with it.
+pub(super) fn stop_primary(data_dir: &Path) -> Option<i32> {
+    let pid = running_primary(data_dir)?;
+    let _ = kill(Pid::from_raw(pid), Signal::SIGQUIT);
+    Some(pid)
 }
 
 /// Watches the lease until `shutdown`.
@@ -47,12 +56,11 @@ pub(super) async fn watchdog(
             Some(d) => d.saturating_duration_since(Instant::now()),
         };
         if deadline.is_some() && wait.is_zero() {
-            if let Some(pid) = running_primary(&data_dir) {
+            if let Some(pid) = stop_primary(&data_dir) {
                 tracing::warn!(
                     pid,
-                    "fencing: lease not renewed within loop_wait + retry_timeout (or the lease's life), stopping postgres now"
+                    "fencing: lease not renewed within loop_wait + retry_timeout (or the lease's life), stopped postgres"
                 );
-                let _ = kill(Pid::from_raw(pid), Signal::SIGQUIT);
                 shared.wake.notify_one();
             }
         }

@@ -23,10 +23,9 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::signal::{kill, SigSet, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::{SigSet, Signal};
 
-use super::fence::running_primary;
+use super::fence::stop_primary;
 use crate::config::LogFormat;
 use crate::metrics;
 
@@ -72,9 +71,11 @@ impl Deadline {
     }
 }
 
-/// How long the agent waits before starting a keeper that died or could
-/// not start again.
+/// How long the agent waits before trying again to start a keeper that
+/// could not start.
 const RESPAWN_AFTER: Duration = Duration::from_secs(5);
+/// How long after a keeper died another is started.
+const RESTART_AFTER_DEATH: Duration = Duration::from_secs(1);
 
 /// A running keeper process and the pipe to it.
 struct Process {
@@ -92,10 +93,7 @@ impl Process {
         let mut child = Command::new(exe)
             .arg(KEEPER_ARG)
             .arg(data_dir)
-            .arg(match log_format {
-                LogFormat::Text => "text",
-                LogFormat::Json => "json",
-            })
+            .arg(log_format.name())
             .stdin(Stdio::piped())
             .process_group(0)
             .spawn()?;
@@ -174,11 +172,10 @@ impl Keeper {
             Some(d) => {
                 // The same instant on the shared clock (an Instant cannot
                 // be read as one directly).
-                let left = d.checked_duration_since(Instant::now());
-                let now = monotonic_now();
-                let at = match left {
-                    Some(left) => now + left,
-                    None => now.saturating_sub(Instant::now() - d),
+                let (now, on_clock) = (Instant::now(), monotonic_now());
+                let at = match d.checked_duration_since(now) {
+                    Some(left) => on_clock + left,
+                    None => on_clock.saturating_sub(now - d),
                 };
                 Deadline::At(at + margin)
             }
@@ -196,7 +193,7 @@ impl Keeper {
                 let status = p.child.try_wait().ok().flatten();
                 tracing::error!(error = %e, ?status, "the fencing keeper died: starting another");
                 self.process = None;
-                self.retry_at = Instant::now() + Duration::from_secs(1);
+                self.retry_at = Instant::now() + RESTART_AFTER_DEATH;
                 metrics::fence_keeper_up(false);
             }
         }
@@ -254,12 +251,11 @@ pub fn run(data_dir: &Path) -> std::io::Result<()> {
             }
         }
         if deadline.is_some_and(|d| monotonic_now() >= d) {
-            if let Some(pid) = running_primary(data_dir) {
+            if let Some(pid) = stop_primary(data_dir) {
                 tracing::warn!(
                     pid,
-                    "fence keeper: the agent has not renewed its lease in time (stalled?): stopping postgres now"
+                    "fence keeper: the agent has not renewed its lease in time (stalled?): stopped postgres"
                 );
-                let _ = kill(Pid::from_raw(pid), Signal::SIGQUIT);
             }
         }
     }

@@ -38,12 +38,10 @@ fn main() -> anyhow::Result<()> {
         let data_dir = argv
             .next()
             .context("--fence-keeper needs the data directory")?;
-        let json = argv.next().is_some_and(|f| f == "json");
-        init_logs(if json {
-            LogFormat::Json
-        } else {
-            LogFormat::Text
-        });
+        let format = argv
+            .next()
+            .and_then(|f| LogFormat::parse(&f.to_string_lossy()));
+        init_logs(format.unwrap_or_default());
         return agent::keeper::run(data_dir.as_ref()).context("fence keeper");
     }
     agent_main()
