@@ -162,13 +162,28 @@ impl Proc {
     pub fn kill(&mut self) -> Result<ExitStatus, Error> {
         let _ = self.signal_group(Signal::SIGCONT);
         let _ = self.signal_group(Signal::SIGKILL);
-        self.wait_exit(Duration::from_secs(10))
+        let status = self.wait_exit(Duration::from_secs(10));
+        self.wait_group_gone();
+        status
+    }
+
+    /// SIGKILL to what is left of the group, and waits (10 s at most)
+    /// until none of it runs: a killed process takes a moment to exit, and
+    /// orphaned postgres backends still attached to their shared memory
+    /// make the next postmaster on that data directory refuse to start
+    /// ("pre-existing shared memory block is still in use").
+    fn wait_group_gone(&self) {
+        let group = self.group().as_raw();
+        let _ = self.signal_group(Signal::SIGKILL);
+        let _ = crate::wait_until("the process group to exit", Duration::from_secs(10), || {
+            Ok(live_in_group(group).is_empty().then_some(()))
+        });
     }
 
     /// Asks the child to stop, waits up to `grace`, then kills what is left.
     pub fn stop(&mut self, grace: Duration) -> Result<ExitStatus, Error> {
         if let Some(s) = self.try_exit() {
-            let _ = self.signal_group(Signal::SIGKILL);
+            self.wait_group_gone();
             return Ok(s);
         }
         let _ = self.signal_group(Signal::SIGCONT);
@@ -178,7 +193,7 @@ impl Proc {
             Err(_) => return self.kill(),
         };
         // Descendants that outlived the leader (e.g. orphaned backends).
-        let _ = self.signal_group(Signal::SIGKILL);
+        self.wait_group_gone();
         Ok(status)
     }
 
@@ -218,18 +233,27 @@ impl Drop for Proc {
 /// line): how a test checks that nothing it started in a directory is left.
 pub fn processes_under(path: &Path) -> Vec<(u32, String)> {
     let needle = path.to_string_lossy().into_owned();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|e| {
-            let pid = e.file_name().to_string_lossy().parse::<u32>().ok()?;
-            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+    processes()
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|(pid, dir)| {
+            let cmdline = std::fs::read(dir.join("cmdline")).ok()?;
             let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
             cmdline.contains(&needle).then_some((pid, cmdline))
         })
         .collect()
+}
+
+/// Every process now, as (pid, its `/proc` directory); `None` if `/proc`
+/// cannot be read.
+fn processes() -> Option<Vec<(u32, PathBuf)>> {
+    let entries = std::fs::read_dir("/proc").ok()?;
+    Some(
+        entries
+            .flatten()
+            .filter_map(|e| Some((e.file_name().to_string_lossy().parse().ok()?, e.path())))
+            .collect(),
+    )
 }
 
 /// Fields 3 (state) and 5 (process group) of a `/proc/.../stat` file.
@@ -242,21 +266,32 @@ fn stat_state_and_group(path: &Path) -> Option<(char, i32)> {
     Some((state, group))
 }
 
+/// Processes of `group` that have not exited (zombies have: they hold
+/// no memory, only an exit status for their reaper).
+fn live_in_group(group: i32) -> Vec<u32> {
+    processes()
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|(pid, dir)| {
+            let (state, g) = stat_state_and_group(&dir.join("stat"))?;
+            (g == group && !matches!(state, 'Z' | 'X')).then_some(pid)
+        })
+        .collect()
+}
+
 /// Threads of processes in `group` that may still run user code, i.e. not
 /// stopped, gone, or blocked in the kernel: (pid, tid, state).
 fn running_in_group(group: i32) -> Vec<(String, String, char)> {
-    let Ok(procs) = std::fs::read_dir("/proc") else {
+    let Some(procs) = processes() else {
         return vec![("?".into(), "?".into(), '?')];
     };
     let mut out = Vec::new();
-    for p in procs.flatten() {
-        let pid = p.file_name().to_string_lossy().into_owned();
-        if pid.parse::<u32>().is_err()
-            || stat_state_and_group(&p.path().join("stat")).is_none_or(|(_, g)| g != group)
-        {
+    for (pid, dir) in procs {
+        if stat_state_and_group(&dir.join("stat")).is_none_or(|(_, g)| g != group) {
             continue;
         }
-        let Ok(tasks) = std::fs::read_dir(p.path().join("task")) else {
+        let pid = pid.to_string();
+        let Ok(tasks) = std::fs::read_dir(dir.join("task")) else {
             continue; // exited meanwhile
         };
         for t in tasks.flatten() {
@@ -400,10 +435,8 @@ mod tests {
         assert!(alive(pid) && alive(grandchild));
         drop(p);
         assert!(!alive(pid), "child survived");
-        crate::wait_until("grandchild gone", Duration::from_secs(5), || {
-            Ok((!alive(grandchild)).then_some(()))
-        })
-        .unwrap();
+        // Gone by the time drop returns, not some moment later.
+        assert!(!alive(grandchild), "grandchild survived");
     }
 
     #[test]
