@@ -183,18 +183,33 @@ impl<C: ClientIo> Session<C> {
         if !table.paused {
             let turn = self.shared.next_turn();
             if let Some(backend) = table.choose(self.route, turn, fallback) {
-                if let Some((b, p)) = &self.pool_cache {
-                    if Arc::ptr_eq(b, &backend) && !p.is_retired() {
-                        if let Some(co) = p.try_checkout_idle() {
-                            self.cache_epoch = self.sticky_epoch(&table);
-                            self.attached(&backend, co, table.epoch, Duration::ZERO);
-                            return Ok(());
-                        }
-                    }
+                // Another pool than the cached one (the read-only port's
+                // next replica, say): an idle server there needs no wait
+                // either, so no slow path.
+                if let Some(co) = self.pool_for(&backend).try_checkout_idle() {
+                    self.cache_epoch = self.sticky_epoch(&table);
+                    self.attached(&backend, co, table.epoch, Duration::ZERO);
+                    return Ok(());
                 }
             }
         }
         Box::pin(self.attach_slow()).await
+    }
+
+    /// The pool of this client's login on `backend`: the cached one, or
+    /// the pool map's (then cached, to be chosen again under a new epoch).
+    fn pool_for(&mut self, backend: &Arc<Backend>) -> &Arc<Pool> {
+        let cached = matches!(&self.pool_cache,
+            Some((b, p)) if Arc::ptr_eq(b, backend) && !p.is_retired());
+        if !cached {
+            self.pool_cache = None;
+            self.cache_epoch = 0;
+        }
+        let (pools, login, route) = (&self.shared.pools, &self.login, self.route);
+        let (_, pool) = self
+            .pool_cache
+            .get_or_insert_with(|| (backend.clone(), pools.get(backend, login, route)));
+        pool
     }
 
     /// The epoch under which the cached pool may be reused without a new
@@ -251,15 +266,7 @@ impl<C: ClientIo> Session<C> {
             let Some(backend) = table.choose(route, turn, fallback) else {
                 continue;
             };
-            let pool = match &self.pool_cache {
-                Some((b, p)) if Arc::ptr_eq(b, &backend) && !p.is_retired() => p.clone(),
-                _ => {
-                    let p = self.shared.pools.get(&backend, &self.login, route);
-                    self.pool_cache = Some((backend.clone(), p.clone()));
-                    self.cache_epoch = 0;
-                    p
-                }
-            };
+            let pool = self.pool_for(&backend).clone();
             let started = std::time::Instant::now();
             let co = match pool.try_checkout_idle() {
                 Some(co) => Ok(co),
