@@ -13,11 +13,13 @@
 # servers run as the postgres user). Everything lives in a temporary
 # directory removed at the end. With CG_KEEP=DIR, the long run's callgrind
 # profile of each pooler is kept as DIR/<pooler>.cg for callgrind_annotate.
+# PROXY=PATH measures another build (default target/release/pgha-proxy;
+# scripts/build-proxy-pgo.sh's is target/pgo/use/release/pgha-proxy).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-simple}
-proxy=$PWD/target/release/pgha-proxy
-[ -x "$proxy" ] || { echo "build first: cargo build --release -p pgha-proxy" >&2; exit 1; }
+proxy=${PROXY:-$PWD/target/release/pgha-proxy}
+[ -x "$proxy" ] || { echo "build first: cargo build --release -p pgha-proxy (or set PROXY)" >&2; exit 1; }
 command -v valgrind >/dev/null || { echo "needs valgrind (apt-get install valgrind)" >&2; exit 1; }
 
 . scripts/poolers-common.sh

@@ -157,7 +157,7 @@ pub fn render(rows: &[Row], reference: &str) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<22} {:<12} {:>10} {:>10} {:>10} {:>12} {:>9} {:>9} {:>11} {:>9}",
+        "{:<22} {:<16} {:>10} {:>10} {:>10} {:>12} {:>9} {:>9} {:>11} {:>9}",
         "scenario",
         "target",
         "tps",
@@ -174,7 +174,7 @@ pub fn render(rows: &[Row], reference: &str) -> String {
             .iter()
             .find(|x| x.scenario == r.scenario && x.target == reference && x.error.is_none());
         if let Some(e) = &r.error {
-            let _ = writeln!(out, "{:<22} {:<12} error: {e}", r.scenario, r.target);
+            let _ = writeln!(out, "{:<22} {:<16} error: {e}", r.scenario, r.target);
             continue;
         }
         let ratio = |a: f64, b: f64| {
@@ -196,7 +196,7 @@ pub fn render(rows: &[Row], reference: &str) -> String {
         let cpu = micros(r.cpu_per_tx);
         let _ = writeln!(
             out,
-            "{:<22} {:<12} {:>10.0} {:>10.3} {:>10.3} {:>12} {:>9} {:>9} {:>11} {:>9}",
+            "{:<22} {:<16} {:>10.0} {:>10.3} {:>10.3} {:>12} {:>9} {:>9} {:>11} {:>9}",
             r.scenario,
             r.target,
             r.tps,
@@ -263,7 +263,7 @@ pub fn render_paired(rows: &[Row], reference: &str) -> String {
         };
         let _ = writeln!(
             out,
-            "{:<22} {:<12} tps/ref {:<20} cpu/ref {cpu_line}",
+            "{:<22} {:<16} tps/ref {:<20} cpu/ref {cpu_line}",
             r.scenario,
             r.target,
             spread(tps)

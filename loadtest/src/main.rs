@@ -14,6 +14,18 @@ use pgha_local::{
     TEST_PASSWORD,
 };
 
+/// `LABEL=PATH` of `bench-poolers --proxy`.
+fn proxy_build(s: &str) -> Result<(String, std::path::PathBuf), String> {
+    let (label, path) = s
+        .split_once('=')
+        .ok_or_else(|| format!("--proxy {s:?}: expected LABEL=PATH"))?;
+    let path = std::path::PathBuf::from(path);
+    if !path.is_file() {
+        return Err(format!("--proxy {s:?}: no file at {}", path.display()));
+    }
+    Ok((label.to_owned(), path))
+}
+
 fn pgha_cluster_defaults() -> pgha_cluster::ClusterConfig {
     pgha_cluster::ClusterConfig::default()
 }
@@ -53,6 +65,14 @@ enum Cmd {
         /// Run only the scenarios whose name contains this (e.g. `extended`).
         #[arg(long)]
         only: Option<String>,
+        /// A pgha-proxy binary to measure, as LABEL=PATH (its target is
+        /// `pgha-proxy-LABEL`); repeat to compare builds in one run, e.g.
+        /// `--proxy pgo=target/pgo/use/release/pgha-proxy` (see
+        /// scripts/build-proxy-pgo.sh). Default: the pgha-proxy next to
+        /// this binary, as `pgha-proxy`. The idle-client check uses the
+        /// first.
+        #[arg(long, value_parser = proxy_build)]
+        proxy: Vec<(String, std::path::PathBuf)>,
     },
     /// Kill the primary of a 3-node cluster --kills times and time each
     /// SIGKILL-to-first-accepted-write. `--system patroni` runs Debian's
@@ -86,7 +106,8 @@ fn main() -> anyhow::Result<()> {
             pool_size,
             idle,
             only,
-        } => bench_poolers(runs, secs, pool_size, idle, only.as_deref()),
+            proxy,
+        } => bench_poolers(runs, secs, pool_size, idle, only.as_deref(), proxy),
         Cmd::BenchFailover {
             system,
             kills,
@@ -106,7 +127,11 @@ fn bench_poolers(
     pool_size: u32,
     idle: usize,
     only: Option<&str>,
+    mut proxies: Vec<(String, std::path::PathBuf)>,
 ) -> anyhow::Result<()> {
+    if proxies.is_empty() {
+        proxies.push((String::new(), sibling_binary("pgha-proxy")?));
+    }
     let sb = Sandbox::new("bench")?;
     let opts = PgOptions::default()
         .set("max_connections", "600")
@@ -118,23 +143,7 @@ fn bench_poolers(
         .context("run pgbench -i")?;
     anyhow::ensure!(init.status.success(), "pgbench -i failed: {init:?}");
     let bouncer = PgBouncer::start(&sb, "pgbouncer", &pg, PoolMode::Transaction, pool_size)?;
-    let proxy = ProxyNode::start(
-        &sb,
-        "pgha-proxy",
-        &sibling_binary("pgha-proxy")?,
-        &ProxyOptions {
-            id: "bench".into(),
-            backends: ProxyBackends::StaticPrimary { port: pg.port() },
-            pool_mode: "transaction".into(),
-            pool_size,
-            auth_method: "trust".into(),
-            users: Vec::new(),
-            ports: None,
-            extra_config: vec!["max_client_conn = 20000".into()],
-        },
-    )?;
-    let proxy_pid = proxy.proc().map(|p| p.pid()).context("proxy not running")?;
-    let targets = vec![
+    let mut targets = vec![
         Target {
             name: "direct".into(),
             conn_str: pg.conn_str("postgres"),
@@ -145,15 +154,40 @@ fn bench_poolers(
             conn_str: bouncer.conn_str(),
             pid: Some(bouncer.proc().pid()),
         },
-        Target {
-            name: "pgha-proxy".into(),
+    ];
+    let mut nodes = Vec::new();
+    for (label, path) in &proxies {
+        let name = match label.as_str() {
+            "" => "pgha-proxy".to_owned(),
+            l => format!("pgha-proxy-{l}"),
+        };
+        println!("{name}: {}", path.display());
+        let proxy = ProxyNode::start(
+            &sb,
+            &name,
+            path,
+            &ProxyOptions {
+                id: "bench".into(),
+                backends: ProxyBackends::StaticPrimary { port: pg.port() },
+                pool_mode: "transaction".into(),
+                pool_size,
+                auth_method: "trust".into(),
+                users: Vec::new(),
+                ports: None,
+                extra_config: vec!["max_client_conn = 20000".into()],
+            },
+        )?;
+        let pid = proxy.proc().map(|p| p.pid()).context("proxy not running")?;
+        targets.push(Target {
+            name,
             conn_str: format!(
                 "host=127.0.0.1 port={} user=postgres dbname=postgres",
                 proxy.rw_port()
             ),
-            pid: Some(proxy_pid),
-        },
-    ];
+            pid: Some(pid),
+        });
+        nodes.push((proxy, pid));
+    }
     let scenarios = vec![
         Scenario::select_only("simple c32", "simple", 32, secs, false),
         Scenario::select_only("extended c32", "extended", 32, secs, false),
@@ -171,14 +205,16 @@ fn bench_poolers(
     print!("{}", bench::render(&rows, "pgbouncer"));
     println!("paired by round (each pair ran back to back): median (lowest-highest)");
     print!("{}", bench::render_paired(&rows, "pgbouncer"));
-    if idle > 0 {
+    if let (true, Some((proxy, proxy_pid))) = (idle > 0, nodes.first()) {
+        let proxy_pid = *proxy_pid;
         let before = idle::rss_bytes(proxy_pid).map_err(anyhow::Error::msg)?;
         let clients = idle::open_idle_clients(proxy.rw_port(), "postgres", "postgres", idle)
             .map_err(anyhow::Error::msg)?;
         let after = idle::rss_bytes(proxy_pid).map_err(anyhow::Error::msg)?;
         println!(
-            "{} idle clients held by pgha-proxy: RSS {:.1} MB before, {:.1} MB with them",
+            "{} idle clients held by {}: RSS {:.1} MB before, {:.1} MB with them",
             clients.len(),
+            targets[2].name,
             before as f64 / 1e6,
             after as f64 / 1e6
         );
@@ -319,4 +355,35 @@ fn write(conn: String, table: String, duration: Duration) -> anyhow::Result<()> 
         }
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_proxy_build_is_a_label_and_an_existing_file() {
+        let exe = std::env::current_exe().unwrap();
+        let (label, path) = proxy_build(&format!("pgo={}", exe.display())).unwrap();
+        assert_eq!((label.as_str(), path.as_path()), ("pgo", exe.as_path()));
+        let e = proxy_build("target/pgo/use/release/pgha-proxy").unwrap_err();
+        assert!(e.contains("expected LABEL=PATH"), "{e}");
+        let e = proxy_build("pgo=/nonexistent/pgha-proxy").unwrap_err();
+        assert!(e.contains("no file at /nonexistent/pgha-proxy"), "{e}");
+        // Through clap: the flag repeats, in order.
+        let cli = Cli::try_parse_from([
+            "pgha-loadtest".into(),
+            "bench-poolers".into(),
+            "--proxy".into(),
+            format!("a={}", exe.display()),
+            "--proxy".into(),
+            format!("b={}", exe.display()),
+        ])
+        .unwrap();
+        let Cmd::BenchPoolers { proxy, .. } = cli.cmd else {
+            panic!("parsed as another command");
+        };
+        let labels: Vec<&str> = proxy.iter().map(|(l, _)| l.as_str()).collect();
+        assert_eq!(labels, ["a", "b"]);
+    }
 }
