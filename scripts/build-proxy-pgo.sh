@@ -7,7 +7,8 @@
 # 1. builds an instrumented proxy (rustc -Cprofile-generate);
 # 2. runs it on a scratch PostgreSQL 15 under pgbench -S: a connect-per-
 #    transaction storm and 32 clients in each -M mode in transaction mode,
-#    then simple in session mode (see poolers-common.sh);
+#    simple in session mode, and a storm of SCRAM logins over TLS (see
+#    poolers-common.sh);
 # 3. merges the profile (llvm-profdata, Debian's llvm-19, installed when
 #    missing) and builds the proxy again with it (-Cprofile-use).
 # The compiler then lays out the code a client runs (accept, login,
@@ -41,14 +42,27 @@ chmod 777 "$out/profiles"
 
 . scripts/poolers-common.sh
 poolers_init pgha-pgo
+# SCRAM and TLS logins are trained too: code the profile never saw is
+# optimised for size, not speed.
+openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=localhost \
+  -keyout "$dir/key.pem" -out "$dir/cert.pem" 2>/dev/null
+echo '"postgres" "pgo-training"' >"$dir/proxy-users.txt"
+chown postgres "$dir/key.pem" "$dir/cert.pem" "$dir/proxy-users.txt"
+# train MODE LOGIN PGBENCH_ARGS...: LOGIN is trust, or scram-tls.
 train() {
-  local mode=$1 port pid
-  shift
+  local mode=$1 login=$2 port pid
+  shift 2
   port=$(free_port)
   write_proxy_toml "$dir/proxy.toml" pgo "$port"
   sed -i "s/^pool_mode = .*/pool_mode = \"$mode\"/" "$dir/proxy.toml"
+  if [ "$login" = scram-tls ]; then
+    sed -i -e 's/^auth_method = .*/auth_method = "scram-sha-256"/' \
+      -e "/^auth_method/a users_file = \"$dir/proxy-users.txt\"\ntls_cert_file = \"$dir/cert.pem\"\ntls_key_file = \"$dir/key.pem\"" \
+      "$dir/proxy.toml"
+  fi
   "${as_pg[@]}" "$out/gen/release/pgha-proxy" --config "$dir/proxy.toml" >>"$dir/proxy.log" 2>&1 &
   pid=$!
+  pids+=("$pid")
   for _ in $(seq 50); do pg_isready -q -h 127.0.0.1 -p "$port" -U postgres && break; sleep 0.2; done
   for args in "$@"; do
     # shellcheck disable=SC2086
@@ -60,10 +74,16 @@ train() {
   kill -TERM "$pid"
   wait "$pid"
 }
-train transaction "-M simple -C -c 100" "-M simple -c 32" "-M extended -c 32" "-M prepared -c 32"
-train session "-M simple -c 32"
+train transaction trust "-M simple -C -c 100" "-M simple -c 32" "-M extended -c 32" "-M prepared -c 32"
+train session trust "-M simple -c 32"
+PGPASSWORD=pgo-training PGSSLMODE=require train transaction scram-tls "-M extended -C -c 32"
 
 "$profdata" merge -o "$out/proxy.profdata" "$out"/profiles/*.profraw
-RUSTFLAGS="-Cprofile-use=$out/proxy.profdata" \
+# Cargo does not look at the profile's contents: named after them, a new
+# profile is a new RUSTFLAGS, and every crate is built again with it.
+profile=$out/proxy-$(sha256sum "$out/proxy.profdata" | cut -c1-16).profdata
+rm -f "$out"/proxy-*.profdata
+mv "$out/proxy.profdata" "$profile"
+RUSTFLAGS="-Cprofile-use=$profile" \
   cargo build --release -p pgha-proxy --target-dir "$out/use"
 echo "built $out/use/release/pgha-proxy"
