@@ -10,7 +10,9 @@
 #    simple in session mode, and a storm of SCRAM logins over TLS (see
 #    poolers-common.sh);
 # 3. merges the profile (llvm-profdata, Debian's llvm-19, installed when
-#    missing) and builds the proxy again with it (-Cprofile-use).
+#    missing; it reads the raw profiles of rustc 1.95, whose LLVM is 22:
+#    a toolchain with a newer raw format needs a newer llvm-profdata) and
+#    builds the proxy again with it (-Cprofile-use).
 # The compiler then lays out the code a client runs (accept, login,
 # forwarding) together, hot paths straight and cold ones aside: fewer
 # instructions and instruction-cache misses per connection than the plain
@@ -35,13 +37,17 @@ fi
 mkdir -p "$out"
 RUSTFLAGS="-Cprofile-generate=$out/profiles" \
   cargo build --release -p pgha-proxy --target-dir "$out/gen"
-# Build scripts ran instrumented too: only the proxy's runs count.
+# What the instrumented build scripts wrote while building.
 rm -rf "$out/profiles"
-mkdir -p "$out/profiles"
-chmod 777 "$out/profiles"
 
 . scripts/poolers-common.sh
 poolers_init pgha-pgo
+# The proxy runs as the postgres user, which may not reach into this
+# checkout (under /root, say): it runs from the scratch directory and
+# writes its profiles there.
+cp "$out/gen/release/pgha-proxy" "$dir/pgha-proxy-instrumented"
+mkdir "$dir/profiles"
+chown postgres "$dir/pgha-proxy-instrumented" "$dir/profiles"
 # SCRAM and TLS logins are trained too: code the profile never saw is
 # optimised for size, not speed.
 openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=localhost \
@@ -60,7 +66,8 @@ train() {
       -e "/^auth_method/a users_file = \"$dir/proxy-users.txt\"\ntls_cert_file = \"$dir/cert.pem\"\ntls_key_file = \"$dir/key.pem\"" \
       "$dir/proxy.toml"
   fi
-  "${as_pg[@]}" "$out/gen/release/pgha-proxy" --config "$dir/proxy.toml" >>"$dir/proxy.log" 2>&1 &
+  LLVM_PROFILE_FILE="$dir/profiles/%m_%p.profraw" "${as_pg[@]}" "$dir/pgha-proxy-instrumented" \
+    --config "$dir/proxy.toml" >>"$dir/proxy.log" 2>&1 &
   pid=$!
   pids+=("$pid")
   for _ in $(seq 50); do pg_isready -q -h 127.0.0.1 -p "$port" -U postgres && break; sleep 0.2; done
@@ -73,12 +80,16 @@ train() {
   # SIGTERM: the proxy drains and exits, writing its profile.
   kill -TERM "$pid"
   wait "$pid"
+  pids=()
 }
 train transaction trust "-M simple -C -c 100" "-M simple -c 32" "-M extended -c 32" "-M prepared -c 32"
 train session trust "-M simple -c 32"
 PGPASSWORD=pgo-training PGSSLMODE=require train transaction scram-tls "-M extended -C -c 32"
 
-"$profdata" merge -o "$out/proxy.profdata" "$out"/profiles/*.profraw
+"$profdata" merge -o "$out/proxy.profdata" "$dir"/profiles/*.profraw
+# Training is over: the scratch PostgreSQL stops before the second build.
+poolers_cleanup
+trap - EXIT
 # Cargo does not look at the profile's contents: named after them, a new
 # profile is a new RUSTFLAGS, and every crate is built again with it.
 profile=$out/proxy-$(sha256sum "$out/proxy.profdata" | cut -c1-16).profdata

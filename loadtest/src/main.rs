@@ -132,6 +132,12 @@ fn bench_poolers(
     if proxies.is_empty() {
         proxies.push((String::new(), sibling_binary("pgha-proxy")?));
     }
+    for (i, (label, _)) in proxies.iter().enumerate() {
+        anyhow::ensure!(
+            proxies[..i].iter().all(|(l, _)| l != label),
+            "--proxy: the label {label:?} is given twice"
+        );
+    }
     let sb = Sandbox::new("bench")?;
     let opts = PgOptions::default()
         .set("max_connections", "600")
