@@ -70,7 +70,7 @@ train() {
     --config "$dir/proxy.toml" >>"$dir/proxy.log" 2>&1 &
   pid=$!
   pids+=("$pid")
-  for _ in $(seq 50); do pg_isready -q -h 127.0.0.1 -p "$port" -U postgres && break; sleep 0.2; done
+  wait_ready "$port"
   for args in "$@"; do
     # shellcheck disable=SC2086
     pgbench -n -S $args -j 2 -T "$secs" -h 127.0.0.1 -p "$port" -U postgres postgres >"$dir/pgbench.log" 2>&1 ||

@@ -43,7 +43,7 @@ measure() {
   "${as_pg[@]}" valgrind --tool=callgrind --callgrind-out-file="$dir/cg.out.%p" "$@" \
     >"$dir/$who.log" 2>&1 &
   pid=$!
-  for _ in $(seq 150); do pg_isready -q -h 127.0.0.1 -p "$port" -U postgres && break; sleep 0.2; done
+  wait_ready "$port" 150
   pgbench -n -S "${args[@]}" -c "$clients" -j 1 -t "$tx" -h 127.0.0.1 -p "$port" -U postgres postgres \
     >"$dir/pgbench.log" 2>&1 || { cat "$dir/pgbench.log" >&2; exit 1; }
   kill -INT "$pid"; wait "$pid" || true

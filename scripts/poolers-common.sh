@@ -1,4 +1,5 @@
-# Shared by the pooler benchmarks (callgrind-poolers.sh, storm-ab.sh):
+# Shared by the pooler benchmarks and builds (callgrind-poolers.sh,
+# storm-ab.sh, build-proxy-pgo.sh):
 # a scratch PostgreSQL 15 (pgbench scale 10) in a temporary directory,
 # and the PgBouncer and pgha-proxy configurations both measure, in
 # transaction mode with a pool of 32. Source it from a script running as
@@ -9,6 +10,12 @@
 bin=/usr/lib/postgresql/15/bin
 as_pg=(setpriv --reuid=postgres --regid=postgres --init-groups)
 pids=()
+
+# wait_ready PORT [TRIES]: until a pooler or server answers on PORT, up to
+# TRIES (default 50) checks 0.2 s apart.
+wait_ready() {
+  for _ in $(seq "${2:-50}"); do pg_isready -q -h 127.0.0.1 -p "$1" -U postgres && break; sleep 0.2; done
+}
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 

@@ -33,7 +33,7 @@ for proxy in "$@"; do
   pids+=($!) ports+=("$port") names+=("proxy$i")
 done
 for port in "${ports[@]}"; do
-  for _ in $(seq 50); do pg_isready -q -h 127.0.0.1 -p "$port" -U postgres && break; sleep 0.2; done
+  wait_ready "$port"
 done
 i=0
 for proxy in "$@"; do i=$((i + 1)); echo "proxy$i: $proxy"; done

@@ -185,14 +185,14 @@ fn bench_poolers(
         )?;
         let pid = proxy.proc().map(|p| p.pid()).context("proxy not running")?;
         targets.push(Target {
-            name,
+            name: name.clone(),
             conn_str: format!(
                 "host=127.0.0.1 port={} user=postgres dbname=postgres",
                 proxy.rw_port()
             ),
             pid: Some(pid),
         });
-        nodes.push((proxy, pid));
+        nodes.push((name, proxy, pid));
     }
     let scenarios = vec![
         Scenario::select_only("simple c32", "simple", 32, secs, false),
@@ -211,7 +211,7 @@ fn bench_poolers(
     print!("{}", bench::render(&rows, "pgbouncer"));
     println!("paired by round (each pair ran back to back): median (lowest-highest)");
     print!("{}", bench::render_paired(&rows, "pgbouncer"));
-    if let (true, Some((proxy, proxy_pid))) = (idle > 0, nodes.first()) {
+    if let (true, Some((name, proxy, proxy_pid))) = (idle > 0, nodes.first()) {
         let proxy_pid = *proxy_pid;
         let before = idle::rss_bytes(proxy_pid).map_err(anyhow::Error::msg)?;
         let clients = idle::open_idle_clients(proxy.rw_port(), "postgres", "postgres", idle)
@@ -220,7 +220,7 @@ fn bench_poolers(
         println!(
             "{} idle clients held by {}: RSS {:.1} MB before, {:.1} MB with them",
             clients.len(),
-            targets[2].name,
+            name,
             before as f64 / 1e6,
             after as f64 / 1e6
         );
